@@ -1,0 +1,149 @@
+"""The `llmopt` command line (typer).
+
+An ``LlmoptError`` is printed as one line (``error: ...``) with its exit code
+(2 for bad input, 1 for a missed accuracy budget); anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from llmopt.errors import LlmoptError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="llmopt: compile LLMs (ONNX or Hugging Face) into fast, verified ONNX Runtime artifacts.",
+)
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="Hugging Face model directory (config.json + weights), or 'reference'"),
+    output: Path = typer.Option(..., "-o", "--output", help="the .onnx file to write (weights go to <file>.data)"),
+    with_past: bool = typer.Option(False, "--with-past", help="add KV-cache inputs/outputs (past_key_values.*, present.*)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show the exporter's own log"),
+):
+    """Export a Hugging Face causal LM to ONNX (torch.onnx dynamo), logits output."""
+    from llmopt.export import export as do_export
+
+    path = do_export(model_dir, output, with_past=with_past, verbose=verbose)
+    print(f"wrote {path} (+ {path.name}.data)")
+
+
+@app.command()
+def compile(  # noqa: A001
+    model: str = typer.Argument(..., help="an .onnx file, a directory holding model.onnx, a Hugging Face model directory, or 'reference'"),
+    target: str = typer.Option("cpu-int8", "--target", "-t", help="see `llmopt targets`"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="artifact directory (default: <model>-<target>)"),
+    passes: Optional[str] = typer.Option(None, "--passes", help="pipeline replacing the target's, e.g. 'fold,cleanup,quantize-dynamic'"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="TOML recipe replacing the target's pipeline"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="compare compiled vs source in ONNX Runtime"),
+    verify_each: bool = typer.Option(False, "--verify-each", help="checker + numeric check after every pass"),
+    with_past: bool = typer.Option(True, "--with-past/--no-past", help="for Hugging Face inputs: export with KV-cache I/O"),
+    eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="text for perplexity (default: the model's eval.txt if it has one)"),
+    eval_tokens: int = typer.Option(8192, "--eval-tokens", help="tokens of the eval text to use"),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="measure single-token latency, source vs compiled"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write the report JSON here (written on failure too)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON instead of a summary"),
+):
+    """Compile a model for a target: run the pipeline, write the artifact, verify it."""
+    from llmopt.compiler import compile as do_compile
+    from llmopt.errors import VerificationError
+
+    try:
+        art = do_compile(
+            model, target, output, passes=passes, recipe=recipe, verify_model=verify, verify_each=verify_each,
+            with_past=with_past, eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=speed,
+            report_path=report, progress=None if as_json else _progress,
+        )
+    except VerificationError as exc:
+        if as_json and exc.report is not None:
+            print(json.dumps(exc.report, indent=2, default=str))
+        raise
+    if as_json:
+        print(json.dumps(art.report, indent=2, default=str))
+    else:
+        from llmopt.summary import format_compile_report
+
+        print(format_compile_report(art.report, art.path))
+
+
+@app.command()
+def passes(as_json: bool = typer.Option(False, "--json")):
+    """List every registered pass: name, summary, options with defaults."""
+    from llmopt.registry import all_passes
+
+    table = {name: {"summary": cls.summary, "module": cls.__module__, "options": cls.describe_options()} for name, cls in all_passes().items()}
+    if as_json:
+        print(json.dumps(table, indent=2, default=str))
+        return
+    for name, info in table.items():
+        print(f"{name:<18} {info['summary']}")
+        for o in info["options"]:
+            default = ";".join(map(str, o["default"])) if isinstance(o["default"], tuple) else o["default"]
+            print(f"    {o['name'] + '=' + str(default):<28} {o['help']} ({o['type']})")
+
+
+@app.command()
+def targets(as_json: bool = typer.Option(False, "--json")):
+    """List every target: name, provider, pipeline, what it emits."""
+    from llmopt.registry import all_targets
+
+    table = {name: t.as_dict() for name, t in all_targets().items()}
+    if as_json:
+        print(json.dumps(table, indent=2))
+        return
+    for name, t in table.items():
+        print(f"{name:<12} {t['description']}")
+        print(f"    provider:  {t['provider']}")
+        print(f"    pipeline:  {t['pipeline']}")
+        th = ", ".join(f"{k}={v}" for k, v in t["thresholds"].items() if v is not None)
+        print(f"    verify:    {th} (on {', '.join(t['verify_providers'])})")
+        print(f"    emits:     {', '.join(t['emits'])}")
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="an .onnx file or a directory holding model.onnx"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Op histogram, parameters by dtype, I/O signature, KV-cache bytes/token (weights are not read)."""
+    from llmopt.inspector import format_inspection, inspect_model
+
+    info = inspect_model(model)
+    print(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except LlmoptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""`llmopt compile`: source model → pipeline → artifact directory, verified.
+
+The artifact is built in a temporary sibling directory and renamed into place
+only when everything (including verification) succeeded, so a failed compile
+leaves nothing half-written and the input is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from llmopt import __version__
+from llmopt import ir as irx
+from llmopt import verify
+from llmopt.errors import InputError, OutputError, VerificationError
+from llmopt.inspector import kv_cache_info
+from llmopt.manager import PassManager
+from llmopt.pipeline import Pipeline, load_recipe, parse
+from llmopt.registry import get_target
+
+MANIFEST = "llmopt.json"
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A compiled model directory and its manifest."""
+
+    path: Path
+    report: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / irx.MODEL_FILE
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Artifact":
+        p = Path(path)
+        manifest = p / MANIFEST
+        if not manifest.is_file():
+            raise InputError(f"{p}: not an llmopt artifact (no {MANIFEST}); compile a model into it first")
+        return cls(p, json.loads(manifest.read_text()))
+
+
+def _log(progress: Callable[[str], None] | None, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+def check_output_dir(out: Path, sources: list[Path]) -> None:
+    """``out`` must be absent, an empty directory, or a previous llmopt artifact not holding the input."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is a file; choose another -o directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise OutputError(
+            f"{out}: exists and is not an llmopt artifact (no {MANIFEST}); choose another -o or empty it first"
+        )
+    out_res = out.resolve()
+    for s in sources:
+        if out_res == s.resolve() or out_res in s.resolve().parents:
+            raise OutputError(f"{out}: holds the input model {s.name}; write the artifact to another directory")
+
+
+def resolve_pipeline(target, passes: str | None, recipe: str | os.PathLike | None) -> Pipeline:
+    if passes and recipe:
+        raise InputError("give --passes or --recipe, not both")
+    if passes:
+        return parse(passes)
+    if recipe:
+        return load_recipe(recipe)
+    return target.parsed_pipeline()
+
+
+def compile(  # noqa: A001 - the public name users expect
+    model: str | os.PathLike,
+    target: str = "cpu-int8",
+    out: str | os.PathLike | None = None,
+    *,
+    passes: str | None = None,
+    recipe: str | os.PathLike | None = None,
+    verify_model: bool = True,
+    verify_each: bool = False,
+    with_past: bool = True,
+    eval_text: str | os.PathLike | None = None,
+    eval_tokens: int = 8192,
+    measure_speed: bool = True,
+    speed_pairs: int = 15,
+    report_path: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Compile ``model`` (an .onnx file, a directory holding one, or a Hugging Face model
+    directory, exported first) for ``target`` into the directory ``out``.
+
+    Raises ``VerificationError`` (exit code 1 on the CLI) when the compiled model misses
+    the target's thresholds; the artifact is then not written, the report still is
+    (to ``report_path`` if given, and on the exception's ``report``).
+    """
+    started = time.perf_counter()
+    tgt = get_target(target)
+    pipeline = resolve_pipeline(tgt, passes, recipe)
+    pipeline.validate()  # unknown passes/options fail before any work
+    from llmopt.export import resolve_hf_dir
+
+    hf_dir = resolve_hf_dir(model)
+    out = Path(out) if out is not None else Path(f"{Path(model).name.removesuffix('.onnx')}-{tgt.name}")
+    work = Path(tempfile.mkdtemp(prefix="llmopt-work-"))
+    try:
+        report = _compile(
+            model, hf_dir, tgt, pipeline, out, work,
+            verify_model=verify_model, verify_each=verify_each, with_past=with_past,
+            eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=measure_speed,
+            speed_pairs=speed_pairs, progress=progress, started=started,
+        )
+    except VerificationError as exc:
+        if report_path and exc.report is not None:
+            _write_json(Path(report_path), exc.report)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if report_path:
+        _write_json(Path(report_path), report)
+    return Artifact(out, report)
+
+
+def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verify_each, with_past,
+             eval_text, eval_tokens, measure_speed, speed_pairs, progress, started) -> dict[str, Any]:
+    source_info: dict[str, Any]
+    if hf_dir is not None:
+        from llmopt.export import export
+
+        check_output_dir(out, [hf_dir])
+        _log(progress, f"export  {hf_dir} (torch.onnx dynamo{', with KV cache I/O' if with_past else ''})")
+        t0 = time.perf_counter()
+        src_file = export(hf_dir, work / "source" / irx.MODEL_FILE, with_past=with_past)
+        hashed = sorted(f for f in hf_dir.iterdir() if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"))
+        source_info = {
+            "kind": "huggingface",
+            "path": str(hf_dir),
+            "sha256": irx.sha256_files(hashed),
+            "hashed_files": [f.name for f in hashed],
+            "export": {"with_past": with_past, "seconds": round(time.perf_counter() - t0, 2)},
+        }
+        if eval_text is None and (hf_dir / "eval.txt").is_file() and (hf_dir / "tokenizer.json").is_file():
+            eval_text = hf_dir / "eval.txt"
+    else:
+        src_file = irx.resolve_model_file(model_arg)
+        source_info = {"kind": "onnx", "path": str(src_file)}
+    src_files = irx.model_files(src_file)
+    if hf_dir is None:
+        check_output_dir(out, src_files)
+        source_info["sha256"] = irx.sha256_files(src_files)
+    source_info["bytes"] = irx.files_bytes(src_files)
+
+    _log(progress, f"load    {src_file.name} ({irx.files_bytes(src_files) / 1e6:.1f} MB, weights memory-mapped)")
+    ir_model = irx.load(src_file)
+    total = len(pipeline.pass_specs())
+
+    def on_start(i, spec):
+        _log(progress, f"pass    [{i}/{total}{'+' if i > total else ''}] {spec}")
+
+    def on_end(i, rec):
+        counters = ", ".join(f"{k}={v}" for k, v in rec.counters.items() if v) or "no change"
+        _log(progress, f"        {rec.nodes_before}→{rec.nodes_after} nodes, {rec.seconds:.2f}s, {counters}")
+
+    manager = PassManager(
+        pipeline, verify_each=verify_each, thresholds=tgt.thresholds, on_start=on_start, on_end=on_end,
+        source=str(model_arg),
+    )
+    result = manager.run(ir_model)
+
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.llmopt-", dir=parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; an artifact is an ordinary directory
+    try:
+        _log(progress, f"save    {out}/ (external data)")
+        irx.save(result.model, staging / irx.MODEL_FILE)
+        files = {f.name: f.stat().st_size for f in sorted(staging.iterdir())}
+        artifact_bytes = sum(files.values())
+        report: dict[str, Any] = {
+            "llmopt_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model()},
+            "target": tgt.as_dict(),
+            "provider": tgt.provider,
+            "session_options": dict(tgt.session_options),
+            "source": source_info,
+            "pipeline": str(pipeline),
+            "passes": [r.as_dict() for r in result.records],
+            "warnings": result.warnings,
+            "io": irx.io_signature(result.model),
+            "kv_cache": kv_cache_info(result.model),
+            "artifact": {
+                "files": files,
+                "bytes": artifact_bytes,
+                "size_ratio": round(artifact_bytes / source_info["bytes"], 4) if source_info["bytes"] else None,
+                "nodes": irx.node_count(result.model),
+                "source_nodes": None,
+            },
+            "verification": None,
+            "speed": None,
+            "accuracy": None,
+        }
+        del result, ir_model
+        src_model = irx.load(src_file)
+        report["artifact"]["source_nodes"] = irx.node_count(src_model)
+        compiled_file = staging / irx.MODEL_FILE
+        if verify_model:
+            _log(progress, f"verify  source vs compiled in ONNX Runtime ({', '.join(tgt.verify_providers)})")
+            ver = verify.verify_files(src_file, compiled_file, tgt.thresholds, tgt.verify_providers)
+            report["verification"] = ver.as_dict()
+        if measure_speed or eval_text:
+            _measure(report, src_model, src_file, compiled_file, tgt, eval_text, eval_tokens, hf_dir,
+                     measure_speed, speed_pairs, progress)
+        if verify_model and not report["verification"]["passed"]:
+            misses = "; ".join(report["verification"]["misses"])
+            raise VerificationError(
+                f"compiled model misses the {tgt.name} accuracy budget: {misses}; "
+                "nothing was written (loosen the pipeline, or see --verify-each for the pass at fault)",
+                report,
+            )
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        _write_json(staging / MANIFEST, report)
+        report["artifact"]["files"][MANIFEST] = (staging / MANIFEST).stat().st_size
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _measure(report, src_model, src_file, compiled_file, tgt, eval_text, eval_tokens, hf_dir,
+             measure_speed, speed_pairs, progress) -> None:
+    from llmopt import timing
+
+    src_sess = verify.make_session(src_file, threads=2)
+    out_sess = verify.make_session(compiled_file, tgt.verify_providers, threads=2)
+    if measure_speed:
+        _log(progress, f"speed   single-token latency, source vs compiled, {speed_pairs} alternating pairs")
+        feeds = timing.decode_feeds(src_model)
+        r = timing.compare_sessions(src_sess, out_sess, feeds, pairs=speed_pairs)
+        report["speed"] = {
+            "what": "single-token latency" + (" after 128 cached tokens" if verify.has_past_inputs(src_model) else ""),
+            "threads": 2,
+            "source_ms": round(r["a_ms"], 3),
+            "compiled_ms": round(r["b_ms"], 3),
+            "speedup": round(r["ratio"], 3),
+            "speedup_min": round(r["ratio_min"], 3),
+            "speedup_max": round(r["ratio_max"], 3),
+            "pairs": r["pairs"],
+        }
+    if eval_text:
+        from llmopt import evaluate
+
+        tok_dir = hf_dir if hf_dir is not None else Path(src_file).parent
+        _log(progress, f"eval    perplexity on {eval_text} (first {eval_tokens} tokens)")
+        ids = evaluate.tokenize_file(evaluate.load_tokenizer(tok_dir), eval_text, eval_tokens)
+        src_ppl = evaluate.perplexity(src_sess, ids)
+        out_ppl = evaluate.perplexity(out_sess, ids)
+        report["accuracy"] = {
+            "text": str(eval_text),
+            "tokens": out_ppl["tokens"],
+            "source_perplexity": round(src_ppl["perplexity"], 4),
+            "compiled_perplexity": round(out_ppl["perplexity"], 4),
+            "perplexity_change": round(out_ppl["perplexity"] / src_ppl["perplexity"] - 1, 5),
+        }
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace ``out`` by ``staging`` with renames (same filesystem), never leaving a partial directory."""
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+        os.replace(out, backup / "artifact")
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(backup / "artifact", out)
+            raise
+        finally:
+            shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

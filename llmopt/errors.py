@@ -1,0 +1,39 @@
+"""The exception family that carries user-facing messages.
+
+The CLI prints an ``LlmoptError`` as one line and exits with its ``exit_code``;
+any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LlmoptError(Exception):
+    """A problem the user can fix. The message says what, where, and what to do."""
+
+    exit_code = 2
+
+
+class InputError(LlmoptError):
+    """A model path, file or directory that cannot be used."""
+
+
+class PipelineError(LlmoptError):
+    """An unknown pass or target, a bad option, or a malformed pipeline string/recipe."""
+
+
+class OutputError(LlmoptError):
+    """An output path that cannot be written safely."""
+
+
+class MissingDependencyError(LlmoptError):
+    """An optional dependency (torch, transformers, ...) is needed and not installed."""
+
+
+class VerificationError(LlmoptError):
+    """The compiled model misses the target's accuracy thresholds (exit code 1)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,197 @@
+"""IR helpers on top of onnx_ir: load (weights stay memory-mapped), save (always
+external data), and statistics that never read tensor bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from pathlib import Path
+
+import onnx_ir as ir
+
+from llmopt.errors import InputError
+
+MODEL_FILE = "model.onnx"
+DATA_SUFFIX = ".data"
+# Tensors below this size stay inline: ORT needs small constants (axes, shapes)
+# in the protobuf to infer shapes at load time. Weights always go to .data.
+INLINE_LIMIT_BYTES = 1024
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """The .onnx file a user means by ``path`` (a file, or a directory holding model.onnx)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory; check the path")
+    if p.is_dir():
+        candidate = p / MODEL_FILE
+        if candidate.is_file():
+            return candidate
+        onnx_files = sorted(p.glob("*.onnx"))
+        if len(onnx_files) == 1:
+            return onnx_files[0]
+        if (p / "config.json").is_file():
+            raise InputError(
+                f"{p}: is a Hugging Face model directory, not an ONNX model; "
+                "run `llmopt export` on it first (or pass it to `llmopt compile`, which exports it)"
+            )
+        what = "several .onnx files" if onnx_files else "no model.onnx"
+        raise InputError(f"{p}: directory holds {what}; pass the .onnx file itself")
+    return p
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model; external tensors stay memory-mapped and are only read on use.
+
+    Raises ``InputError`` for anything that is not a complete ONNX model.
+    """
+    p = resolve_model_file(path)
+    size = p.stat().st_size
+    if size == 0:
+        raise InputError(f"{p}: file is empty; re-export or re-download the model")
+    try:
+        model = ir.load(p)
+    except Exception as exc:  # protobuf raises DecodeError, onnx_ir raises several kinds
+        raise InputError(
+            f"{p}: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)}); "
+            "the file may be truncated or of another format"
+        ) from None
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise InputError(f"{p}: ONNX file holds an empty graph; the file may be truncated")
+    check_external_data(model, p)
+    return model
+
+
+def check_external_data(model: ir.Model, path: Path) -> None:
+    """Every external tensor's file must exist and be long enough (no reads of the data)."""
+    sizes: dict[Path, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data = Path(tensor.path)
+        if data not in sizes:
+            if not data.is_file():
+                raise InputError(
+                    f"{path}: external data file {data.name} is missing (needed by {value.name}); "
+                    "keep it next to the .onnx file"
+                )
+            sizes[data] = data.stat().st_size
+        end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
+        if end > sizes[data]:
+            raise InputError(
+                f"{path}: external data file {data.name} is truncated ({sizes[data]} bytes, "
+                f"{value.name} needs {end}); re-export the model"
+            )
+
+
+def save(model: ir.Model, path: str | os.PathLike, progress=None) -> Path:
+    """Save ``model`` to ``path`` with every tensor over 1 KiB in ``<path>.data``.
+
+    ``progress(done, total)`` is called once per tensor written.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    callback = None
+    if progress is not None:
+
+        done = 0
+
+        def callback(_tensor, info):  # may run on worker threads, serialized: count calls
+            nonlocal done
+            done += 1
+            progress(done, info.total)
+
+    ir.save(model, p, external_data=p.name + DATA_SUFFIX, size_threshold_bytes=INLINE_LIMIT_BYTES, callback=callback)
+    return p
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The .onnx file and the external data files it references (sorted, unique)."""
+    p = resolve_model_file(path)
+    files = [p]
+    model = ir.load(p)
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor):
+            f = Path(t.path)
+            if f not in files:
+                files.append(f)
+    return files
+
+
+def sha256_files(files: list[Path], chunk: int = 1 << 22) -> str:
+    """Streaming sha256 over the files, in order (constant memory)."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def files_bytes(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+def tensor_numel(value: ir.Value) -> int:
+    shape = value.shape if value.shape is not None else value.const_value.shape
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def parameter_stats(model: ir.Model) -> dict[str, dict[str, int]]:
+    """Parameter count and bytes per dtype, from initializer metadata only."""
+    stats: dict[str, dict[str, int]] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        n = 1
+        for d in tensor.shape:
+            n *= int(d)
+        entry = stats.setdefault(tensor.dtype.name.lower(), {"count": 0, "bytes": 0})
+        entry["count"] += n
+        entry["bytes"] += tensor.nbytes
+    return stats
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    counts = Counter(
+        (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type) for n in model.graph.all_nodes()
+    )
+    return dict(counts.most_common())
+
+
+def node_count(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph.all_nodes())
+
+
+def dim_str(d) -> str | int:
+    return int(d) if isinstance(d, int) else str(d)
+
+
+def io_signature(model: ir.Model) -> dict[str, list[dict]]:
+    def describe(v: ir.Value) -> dict:
+        return {
+            "name": v.name,
+            "dtype": v.dtype.name.lower() if v.dtype is not None else None,
+            "shape": [dim_str(d) for d in v.shape] if v.shape is not None else None,
+        }
+
+    return {
+        "inputs": [describe(v) for v in model.graph.inputs],
+        "outputs": [describe(v) for v in model.graph.outputs],
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no details"

@@ -1,0 +1,202 @@
+"""The PassManager: runs a pipeline over an ``onnx_ir.Model`` with instrumentation
+(time, node and byte deltas, counters), optional verify-each, fixed-point
+iteration and a crash reproducer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx_ir as ir
+
+from llmopt import ir as irx
+from llmopt import verify
+from llmopt.errors import LlmoptError, VerificationError
+from llmopt.pass_base import Pass, make_options
+from llmopt.pipeline import FixedPoint, Item, PassSpec, Pipeline
+from llmopt.registry import get_pass
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass run did (one entry of the manifest's ``passes`` list)."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+    counters: dict[str, int]
+    iteration: int | None = None
+    verify: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["seconds"] = round(self.seconds, 4)
+        if self.iteration is None:
+            d.pop("iteration")
+        if self.verify is None:
+            d.pop("verify")
+        return d
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: ir.Model
+    modified: bool
+    records: list[PassRecord]
+    warnings: list[str]
+
+
+class _VerifyEach:
+    """After every pass: the ONNX checker, then the logits against the pipeline's input."""
+
+    def __init__(self, model: ir.Model, thresholds: verify.Thresholds):
+        self.thresholds = thresholds
+        shapes = verify.default_shapes(verify.has_past_inputs(model))
+        self.feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(shapes)]
+        self.reference = verify.run_ir_model(model, self.feeds)
+
+    def check(self, model: ir.Model, record: PassRecord, index: int) -> None:
+        where = f"pass #{index} '{record.name}'"
+        with verify.saved(model) as path:
+            try:
+                verify.check_onnx(path)
+            except Exception as exc:  # onnx.checker.ValidationError and friends
+                raise VerificationError(f"{where} produced an invalid model (ONNX checker: {_line(exc)})") from None
+            try:
+                outputs = verify.run_path(path, self.feeds)
+            except Exception as exc:  # ORT refuses to load or run it
+                raise VerificationError(f"{where} produced a model ONNX Runtime cannot run: {_line(exc)}") from None
+        figs = verify.worst([verify.compare(r, o) for r, o in zip(self.reference, outputs)])
+        misses = figs.misses(self.thresholds)
+        record.verify = {"figures": figs.as_dict(), "misses": misses}
+        if misses:
+            raise VerificationError(
+                f"{where} is the first to break numerics against the pipeline input: {'; '.join(misses)}"
+            )
+
+
+class PassManager:
+    """Runs a Pipeline; every pass is instrumented and, with ``verify_each``, checked."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        verify_each: bool = False,
+        thresholds: verify.Thresholds | None = None,
+        on_start: Callable[[int, PassSpec], None] | None = None,
+        on_end: Callable[[int, PassRecord], None] | None = None,
+        source: str | None = None,
+    ):
+        pipeline.validate()
+        self.pipeline = pipeline
+        self.verify_each = verify_each
+        self.thresholds = thresholds or verify.Thresholds(min_cosine=0.99)
+        self.on_start = on_start
+        self.on_end = on_end
+        self.source = source
+        self._records: list[PassRecord] = []
+        self._warnings: list[str] = []
+        self._checker: _VerifyEach | None = None
+
+    def run(self, model: ir.Model) -> PipelineResult:
+        self._records, self._warnings = [], []
+        self._checker = _VerifyEach(model, self.thresholds) if self.verify_each else None
+        modified = self._run_items(model, self.pipeline.items, iteration=None)
+        return PipelineResult(model, modified, self._records, self._warnings)
+
+    def _run_items(self, model: ir.Model, items: tuple[Item, ...], iteration: int | None) -> bool:
+        modified = False
+        for item in items:
+            if isinstance(item, FixedPoint):
+                modified |= self._run_fixed_point(model, item)
+            else:
+                modified |= self._run_pass(model, item, iteration)
+        return modified
+
+    def _run_fixed_point(self, model: ir.Model, fp: FixedPoint) -> bool:
+        any_change = False
+        for i in range(1, fp.max_iterations + 1):
+            changed = self._run_items(model, fp.items, iteration=i)
+            any_change |= changed
+            if not changed:
+                return any_change
+        self._warnings.append(f"{fp} still changed the model after {fp.max_iterations} iterations; stopped there")
+        return any_change
+
+    def _run_pass(self, model: ir.Model, spec: PassSpec, iteration: int | None) -> bool:
+        cls = get_pass(spec.name)
+        instance: Pass = cls(make_options(cls.Options, dict(spec.options), spec.name))
+        index = len(self._records) + 1
+        if self.on_start:
+            self.on_start(index, spec)
+        nodes_before, bytes_before = irx.node_count(model), irx.initializer_bytes(model)
+        start = time.perf_counter()
+        try:
+            result = instance(model)
+        except LlmoptError:
+            raise
+        except Exception as exc:
+            path = self._write_reproducer(spec, exc)
+            exc.add_note(f"llmopt: pass '{spec.name}' crashed; reproducer written to {path}")
+            raise
+        seconds = time.perf_counter() - start
+        if result.model is not model:
+            raise TypeError(f"pass '{spec.name}' returned a new model; llmopt passes work in place")
+        record = PassRecord(
+            name=spec.name,
+            options=instance.options_dict(),
+            seconds=seconds,
+            modified=result.modified,
+            nodes_before=nodes_before,
+            nodes_after=irx.node_count(model),
+            bytes_before=bytes_before,
+            bytes_after=irx.initializer_bytes(model),
+            counters=dict(sorted(instance.counters.items())),
+            iteration=iteration,
+        )
+        self._records.append(record)
+        if self._checker is not None:
+            self._checker.check(model, record, index)
+        if self.on_end:
+            self.on_end(index, record)
+        return result.modified
+
+    def _write_reproducer(self, spec: PassSpec, exc: BaseException) -> Path:
+        fd, name = tempfile.mkstemp(prefix="llmopt-crash-", suffix=".json")
+        info = {
+            "pipeline": str(self.pipeline),
+            "failed_pass": str(spec),
+            "input": self.source,
+            "reproduce": f"llmopt compile {self.source} --passes '{self.pipeline}' --no-verify -o /tmp/repro"
+            if self.source
+            else None,
+            "error": "".join(traceback.format_exception_only(type(exc), exc)).strip(),
+        }
+        with open(fd, "w") as fh:
+            json.dump(info, fh, indent=2)
+        return Path(name)
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def run_pipeline(model: ir.Model, pipeline: Pipeline | str, **kwargs: Any) -> PipelineResult:
+    """Convenience: parse (if needed) and run a pipeline over a model in place."""
+    from llmopt.pipeline import parse
+
+    if isinstance(pipeline, str):
+        pipeline = parse(pipeline)
+    return PassManager(pipeline, **kwargs).run(model)

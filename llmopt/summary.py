@@ -1,0 +1,44 @@
+"""The human-readable compile report (what `llmopt compile` prints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmopt.report import human_bytes
+
+
+def format_compile_report(r: dict[str, Any], path: Path) -> str:
+    a = r["artifact"]
+    lines = [f"compiled {r['source']['path']} -> {path}/ for {r['target']['name']} ({r['provider']}) in {r['seconds']}s"]
+    lines.append(
+        f"  size      {human_bytes(a['bytes'])} vs {human_bytes(r['source']['bytes'])} source "
+        f"({a['size_ratio']:.3f}x); nodes {a['source_nodes']} -> {a['nodes']}"
+    )
+    s = r.get("speed")
+    if s:
+        lines.append(
+            f"  speed     {s['speedup']:.2f}x speedup, {s['what']} ({s['source_ms']:.2f} -> {s['compiled_ms']:.2f} ms, "
+            f"median of {s['pairs']} alternating pairs, range {s['speedup_min']:.2f}-{s['speedup_max']:.2f}x, "
+            f"{s['threads']} threads)"
+        )
+    v = r.get("verification")
+    if v:
+        f = v["figures"]
+        status = "PASS" if v["passed"] else "FAIL: " + "; ".join(v["misses"])
+        lines.append(
+            f"  verify    {status} - logits max-abs {f['max_abs']:.3g}, cosine {f['cosine']:.6f}, "
+            f"top-1 agreement {f['top1']:.3f}"
+        )
+    else:
+        lines.append("  verify    skipped (--no-verify)")
+    acc = r.get("accuracy")
+    if acc:
+        lines.append(
+            f"  accuracy  perplexity {acc['source_perplexity']:.3f} -> {acc['compiled_perplexity']:.3f} "
+            f"({acc['perplexity_change']:+.2%}) on {acc['tokens']} tokens of {Path(acc['text']).name}"
+        )
+    for w in r.get("warnings", []):
+        lines.append(f"  warning   {w}")
+    lines.append(f"  passes    {r['pipeline']}  (details: {path}/llmopt.json)")
+    return "\n".join(lines)

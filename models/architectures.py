@@ -1,0 +1,66 @@
+"""Hugging Face configs for every architecture llmopt is tested on.
+
+``tiny`` configs keep the test suite fast; ``50m`` is the ~50M-parameter Llama
+used by the benchmarks (weights larger than the L3 cache). Weights are random
+(seeded); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gpt2", "gemma")
+
+_TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def config(arch: str, size: str = "tiny"):
+    """A transformers config for ``arch`` at ``size`` ('tiny' or '50m')."""
+    from transformers import AutoConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHITECTURES)}")
+    if size == "tiny":
+        if arch == "gpt2":
+            return AutoConfig.for_model("gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        kw = dict(_TINY)
+        if arch == "phi3":
+            kw["pad_token_id"] = 0
+        if arch == "gemma":
+            kw["head_dim"] = 16
+        return AutoConfig.for_model(arch, **kw)
+    if size == "50m":
+        if arch != "llama":
+            raise ValueError("the 50m size is defined for llama only")
+        # 8 layers × 3.1M + 2 × 8.2M embeddings ≈ 41M + 16M = 57M parameters (~228 MB fp32)
+        return AutoConfig.for_model(
+            "llama",
+            vocab_size=16000,
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        )
+    raise ValueError(f"unknown size {size!r}; 'tiny' or '50m'")
+
+
+def build(arch: str, out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Save a random-init model of ``arch`` to ``out`` (a Hugging Face model directory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config(arch, size)).eval()
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

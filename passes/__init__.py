@@ -1,0 +1,4 @@
+"""Built-in llmopt passes, one module per pass (or pass family).
+
+Importing a module registers its passes; ``llmopt.registry`` imports them all.
+"""

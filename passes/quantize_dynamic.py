@@ -1,0 +1,242 @@
+"""`quantize-dynamic`: int8 weights, activations quantized at run time.
+
+- ``MatMul(x, W)``, ``MatMul(x, Transpose(W))`` and ``Gemm(x, W[, b])`` with a
+  constant 2-D ``W`` become ``com.microsoft::DynamicQuantizeMatMul`` with
+  symmetric int8 weights (per output channel by default); a following bias
+  ``Add`` is folded into its bias input.
+- ``Gather(E, ids)`` on a constant embedding table becomes a Gather of int8
+  rows times a Gather of per-row scales.
+
+Weights are read one tensor at a time (memory-mapped) and the float originals
+are dropped once nothing uses them. This is the first quantization of the
+spine; calibrated QDQ (static) quantization is a separate pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+import numpy as np
+import onnx_ir as ir
+
+from llmopt.pass_base import Pass, option
+from llmopt.registry import register_pass
+
+MS_DOMAIN = "com.microsoft"
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeDynamicOptions:
+    per_channel: bool = option(True, "one scale per output channel (else one per tensor)")
+    matmul: bool = option(True, "quantize MatMul/Gemm weights")
+    gather: bool = option(True, "quantize embedding tables read by Gather")
+    min_elements: int = option(4096, "leave weights with fewer elements in float")
+    exclude: tuple[str, ...] = option((), "node or weight name patterns to leave in float (fnmatch, ';'-separated)")
+
+    def __post_init__(self):
+        if self.min_elements < 0:
+            raise ValueError("min_elements must be >= 0")
+
+
+def quantize_symmetric(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 symmetric quantization; ``axis`` is the axis that keeps one scale per index."""
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        amax = np.array(np.abs(w).max(), dtype=np.float32)
+    else:
+        reduce = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.abs(w).max(axis=reduce, keepdims=True)
+    scale = (amax / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+@register_pass
+class QuantizeDynamic(Pass):
+    name = "quantize-dynamic"
+    summary = "int8 weights (symmetric, per channel) with activations quantized at run time, for MatMul/Gemm/Gather."
+    Options = QuantizeDynamicOptions
+
+    def run(self, model: ir.Model) -> bool:
+        self._graph = model.graph
+        self._names = {v.name for v in _all_values(model.graph)}
+        modified = False
+        for node in list(model.graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if self.options.matmul and node.op_type in ("MatMul", "Gemm"):
+                modified |= self._matmul(node)
+            elif self.options.gather and node.op_type == "Gather":
+                modified |= self._gather(node)
+        if modified:
+            if not any(d == MS_DOMAIN for d in model.opset_imports):
+                model.opset_imports[MS_DOMAIN] = 1
+            self._drop_unused_initializers()
+        return modified
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _excluded(self, *names: str | None) -> bool:
+        return any(n and fnmatch.fnmatchcase(n, pat) for n in names for pat in self.options.exclude)
+
+    def _unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self._unique(base)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        self._graph.register_initializer(value)
+        return value
+
+    def _constant_weight(self, value: ir.Value | None) -> tuple[ir.Value, bool] | None:
+        """The 2-D float initializer behind ``value`` (directly or through Transpose(perm=[1,0]))."""
+        if value is None:
+            return None
+        transposed = False
+        producer = value.producer()
+        if producer is not None:
+            perm = producer.attributes.get("perm")
+            if producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+                return None
+            if perm is not None and list(perm.as_ints()) != [1, 0]:
+                return None
+            value, transposed = producer.inputs[0], True
+        if not value.is_initializer() or value.is_graph_input() or value.const_value is None:
+            return None
+        t = value.const_value
+        if t.dtype not in _FLOATS or len(t.shape) != 2:
+            return None
+        if t.shape[0] * t.shape[1] < self.options.min_elements:
+            return None
+        return value, transposed
+
+    def _matmul(self, node: ir.Node) -> bool:
+        a, b = node.inputs[0], node.inputs[1]
+        bias = None
+        alpha = 1.0
+        if node.op_type == "Gemm":
+            attrs = {k: v.value for k, v in node.attributes.items()}
+            if attrs.get("transA", 0) or attrs.get("beta", 1.0) != 1.0:
+                self.count("skipped.gemm_attrs")
+                return False
+            alpha = float(attrs.get("alpha", 1.0))
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            found = self._constant_weight(b)
+            if found is None:
+                return False
+            weight, transposed = found
+            transposed ^= bool(attrs.get("transB", 0))
+        else:
+            found = self._constant_weight(b)
+            if found is None:
+                return False
+            weight, transposed = found
+        if a is None or a.dtype not in (None, ir.DataType.FLOAT):
+            self.count("skipped.non_fp32_activation")
+            return False
+        if self._excluded(node.name, weight.name):
+            self.count("excluded")
+            return False
+        w = weight.const_value.numpy().astype(np.float32)  # one tensor, memory-mapped
+        if transposed:
+            w = w.T
+        q, scale = quantize_symmetric(w, axis=1 if self.options.per_channel else None)
+        scale = scale.reshape(-1) * np.float32(alpha)
+        out = node.outputs[0]
+        # A bias Add right after a MatMul becomes the fused op's bias input.
+        consumer_add = None
+        if bias is None and node.op_type == "MatMul" and len(out.uses()) == 1 and not out.is_graph_output():
+            use = next(iter(out.uses()))
+            cand = use.node
+            if cand.op_type == "Add" and cand.domain in ("", "ai.onnx"):
+                other = cand.inputs[1 - use.idx]
+                ct = other.const_value if other is not None and other.is_initializer() else None
+                if ct is not None and ct.dtype == ir.DataType.FLOAT and list(ct.shape) == [q.shape[1]]:
+                    bias, consumer_add = other, cand
+        if bias is not None and (bias.const_value is None or list(bias.const_value.shape) != [q.shape[1]]):
+            self.count("skipped.bias_shape")
+            return False
+        base = weight.name or "weight"
+        inputs = [a, self._initializer(f"{base}_int8", q), self._initializer(f"{base}_scale", scale.astype(np.float32))]
+        if bias is not None:
+            inputs += [None, bias]  # no zero point (symmetric), then the bias
+        new = ir.node(
+            "DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_dq",
+            num_outputs=1,
+        )
+        final_out = consumer_add.outputs[0] if consumer_add is not None else out
+        new.outputs[0].shape, new.outputs[0].type = final_out.shape, final_out.type
+        self._graph.insert_before(node, new)
+        replaced = [node] + ([consumer_add] if consumer_add is not None else [])
+        _replace_value(final_out, new.outputs[0])
+        for n in reversed(replaced):
+            self._graph.remove(n, safe=True)
+        self.count("matmul")
+        if consumer_add is not None or (bias is not None and node.op_type == "Gemm"):
+            self.count("bias_folded")
+        return True
+
+    def _gather(self, node: ir.Node) -> bool:
+        table, ids = node.inputs[0], node.inputs[1]
+        axis = node.attributes.get("axis")
+        if axis is not None and axis.as_int() != 0:
+            return False
+        found = self._constant_weight(table)
+        if found is None or found[1]:
+            return False
+        weight = found[0]
+        if self._excluded(node.name, weight.name):
+            self.count("excluded")
+            return False
+        q, scale = quantize_symmetric(weight.const_value.numpy(), axis=0 if self.options.per_channel else None)
+        scale = np.broadcast_to(scale, (q.shape[0], 1)).astype(np.float32)
+        base = weight.name or "embedding"
+        q_init = self._initializer(f"{base}_int8", q)
+        s_init = self._initializer(f"{base}_row_scale", scale)
+        out = node.outputs[0]
+        g_q = ir.node("Gather", [q_init, ids], attributes={"axis": 0}, name=f"{node.name}_q")
+        cast = ir.node("Cast", [g_q.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}_cast")
+        g_s = ir.node("Gather", [s_init, ids], attributes={"axis": 0}, name=f"{node.name}_scale")
+        mul = ir.node("Mul", [cast.outputs[0], g_s.outputs[0]], name=f"{node.name}_dequant")
+        mul.outputs[0].shape, mul.outputs[0].type = out.shape, out.type
+        self._graph.insert_before(node, [g_q, cast, g_s, mul])
+        _replace_value(out, mul.outputs[0])
+        self._graph.remove(node, safe=True)
+        self.count("gather")
+        return True
+
+    def _drop_unused_initializers(self) -> None:
+        for name, value in list(self._graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                del self._graph.initializers[name]
+        # Transposes of weights we replaced are now dead; remove them and their inputs.
+        for node in list(self._graph):
+            if node.op_type == "Transpose" and all(not o.uses() and not o.is_graph_output() for o in node.outputs):
+                self._graph.remove(node, safe=True)
+        for name, value in list(self._graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                del self._graph.initializers[name]
+
+
+def _replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Point every use of ``old`` at ``new``; a graph output keeps its name."""
+    was_output = old.is_graph_output()
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output:
+        old.name = None
+        new.name = name
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph.all_nodes():
+        yield from node.outputs

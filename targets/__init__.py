@@ -1,0 +1,1 @@
+"""Built-in compile targets, one module per target; each registers a ``Target``."""

@@ -1,0 +1,41 @@
+"""A target is data: a pipeline of named passes, an execution provider with its
+session options, verification thresholds, and what the artifact holds."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from llmopt.pipeline import Pipeline, parse
+from llmopt.verify import Thresholds
+
+ARTIFACT_FILES = ("model.onnx", "model.onnx.data", "llmopt.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    provider: str
+    pipeline: str
+    thresholds: Thresholds
+    session_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Providers the compile-time verification runs the artifact with (CPU here,
+    # so CUDA targets can be checked on machines without a GPU).
+    verify_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    emits: tuple[str, ...] = ARTIFACT_FILES
+
+    def parsed_pipeline(self) -> Pipeline:
+        return parse(self.pipeline)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "provider": self.provider,
+            "session_options": dict(self.session_options),
+            "pipeline": self.pipeline,
+            "thresholds": self.thresholds.as_dict(),
+            "verify_providers": list(self.verify_providers),
+            "emits": list(self.emits),
+        }

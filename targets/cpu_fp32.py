@@ -1,0 +1,16 @@
+"""`cpu-fp32`: optimize only; numerics must match the source to float rounding."""
+
+from llmopt.registry import register_target
+from llmopt.targets.base import Target
+from llmopt.verify import Thresholds
+
+CPU_FP32 = register_target(
+    Target(
+        name="cpu-fp32",
+        description="fp32 graph optimized for the ONNX Runtime CPU execution provider",
+        provider="CPUExecutionProvider",
+        pipeline="fold,cleanup",
+        thresholds=Thresholds(max_abs=1e-3, min_cosine=0.99999),
+        session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
+    )
+)

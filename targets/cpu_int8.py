@@ -1,0 +1,16 @@
+"""`cpu-int8`: int8 weights with dynamic int8 activations (ONNX Runtime CPU)."""
+
+from llmopt.registry import register_target
+from llmopt.targets.base import Target
+from llmopt.verify import Thresholds
+
+CPU_INT8 = register_target(
+    Target(
+        name="cpu-int8",
+        description="int8 weights (symmetric, per channel), activations quantized at run time; ONNX Runtime CPU",
+        provider="CPUExecutionProvider",
+        pipeline="fold,cleanup,quantize-dynamic,cleanup",
+        thresholds=Thresholds(min_cosine=0.99, min_top1=0.5),
+        session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
+    )
+)
