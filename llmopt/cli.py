@@ -55,6 +55,7 @@ def compile(  # noqa: A001
     eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="text for perplexity (default: the model's eval.txt if it has one)"),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="tokens of the eval text to use"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure single-token latency, source vs compiled"),
+    threshold: list[str] = typer.Option([], "--threshold", help="override a verify threshold, e.g. --threshold min_cosine=0.999 (repeatable)"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write the report JSON here (written on failure too)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON instead of a summary"),
 ):
@@ -66,7 +67,7 @@ def compile(  # noqa: A001
         art = do_compile(
             model, target, output, passes=passes, recipe=recipe, verify_model=verify, verify_each=verify_each,
             with_past=with_past, eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=speed,
-            report_path=report, progress=None if as_json else _progress,
+            report_path=report, thresholds=_parse_thresholds(threshold), progress=None if as_json else _progress,
         )
     except VerificationError as exc:
         if as_json and exc.report is not None:
@@ -78,6 +79,19 @@ def compile(  # noqa: A001
         from llmopt.summary import format_compile_report
 
         print(format_compile_report(art.report, art.path))
+
+
+def _parse_thresholds(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise LlmoptError(f"--threshold '{item}' is not KEY=NUMBER (e.g. min_cosine=0.999)")
+    return out
 
 
 @app.command()

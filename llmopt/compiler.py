@@ -69,6 +69,15 @@ def check_output_dir(out: Path, sources: list[Path]) -> None:
             raise OutputError(f"{out}: holds the input model {s.name}; write the artifact to another directory")
 
 
+def override_thresholds(base: verify.Thresholds, overrides: dict[str, float]) -> verify.Thresholds:
+    """The target's thresholds with some replaced (e.g. a CI job's stricter budget)."""
+    known = {f.name for f in dataclasses.fields(verify.Thresholds)}
+    for key in overrides:
+        if key not in known:
+            raise InputError(f"unknown threshold '{key}'; use one of {', '.join(sorted(known))}")
+    return dataclasses.replace(base, **{k: float(v) for k, v in overrides.items()})
+
+
 def resolve_pipeline(target, passes: str | None, recipe: str | os.PathLike | None) -> Pipeline:
     if passes and recipe:
         raise InputError("give --passes or --recipe, not both")
@@ -94,6 +103,7 @@ def compile(  # noqa: A001 - the public name users expect
     measure_speed: bool = True,
     speed_pairs: int = 15,
     report_path: str | os.PathLike | None = None,
+    thresholds: dict[str, float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Compile ``model`` (an .onnx file, a directory holding one, or a Hugging Face model
@@ -105,6 +115,8 @@ def compile(  # noqa: A001 - the public name users expect
     """
     started = time.perf_counter()
     tgt = get_target(target)
+    if thresholds:
+        tgt = dataclasses.replace(tgt, thresholds=override_thresholds(tgt.thresholds, thresholds))
     pipeline = resolve_pipeline(tgt, passes, recipe)
     pipeline.validate()  # unknown passes/options fail before any work
     from llmopt.export import resolve_hf_dir
@@ -153,14 +165,14 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
     else:
         src_file = irx.resolve_model_file(model_arg)
         source_info = {"kind": "onnx", "path": str(src_file)}
-    src_files = irx.model_files(src_file)
+    ir_model = irx.load(src_file)  # validates the file; weights stay memory-mapped
+    src_files = irx.model_files(src_file, ir_model)
     if hf_dir is None:
         check_output_dir(out, src_files)
         source_info["sha256"] = irx.sha256_files(src_files)
     source_info["bytes"] = irx.files_bytes(src_files)
 
     _log(progress, f"load    {src_file.name} ({irx.files_bytes(src_files) / 1e6:.1f} MB, weights memory-mapped)")
-    ir_model = irx.load(src_file)
     total = len(pipeline.pass_specs())
 
     def on_start(i, spec):
@@ -229,7 +241,6 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             )
         report["seconds"] = round(time.perf_counter() - started, 2)
         _write_json(staging / MANIFEST, report)
-        report["artifact"]["files"][MANIFEST] = (staging / MANIFEST).stat().st_size
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

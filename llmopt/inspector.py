@@ -41,9 +41,7 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
     file = irx.resolve_model_file(path)
     model = irx.load(file)
     params = irx.parameter_stats(model)
-    files = [file] + sorted(
-        {irx.Path(v.const_value.path) for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
-    )
+    files = irx.model_files(file, model)
     return {
         "path": str(file),
         "files": {str(f.name): f.stat().st_size for f in files},

@@ -107,11 +107,12 @@ def save(model: ir.Model, path: str | os.PathLike, progress=None) -> Path:
     return p
 
 
-def model_files(path: str | os.PathLike) -> list[Path]:
-    """The .onnx file and the external data files it references (sorted, unique)."""
+def model_files(path: str | os.PathLike, model: ir.Model | None = None) -> list[Path]:
+    """The .onnx file and the external data files it references (in order of first use)."""
     p = resolve_model_file(path)
     files = [p]
-    model = ir.load(p)
+    if model is None:
+        model = load(p)
     for value in model.graph.initializers.values():
         t = value.const_value
         if isinstance(t, ir.ExternalTensor):

@@ -40,10 +40,10 @@ def config(arch: str, size: str = "tiny"):
     if size == "50m":
         if arch != "llama":
             raise ValueError("the 50m size is defined for llama only")
-        # 8 layers × 3.1M + 2 × 8.2M embeddings ≈ 41M + 16M = 57M parameters (~228 MB fp32)
+        # 8 layers × 3.15M + 2 × 12.6M (embeddings, lm_head) ≈ 50.3M parameters (~201 MB fp32)
         return AutoConfig.for_model(
             "llama",
-            vocab_size=16000,
+            vocab_size=24576,
             hidden_size=512,
             intermediate_size=1536,
             num_hidden_layers=8,

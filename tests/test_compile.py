@@ -1,0 +1,90 @@
+"""End to end: compile for cpu-int8 / cpu-fp32, artifact layout, manifest, verification."""
+
+import json
+
+import numpy as np
+import pytest
+
+import llmopt
+from llmopt import ir as irx
+from llmopt import verify
+from llmopt.errors import VerificationError
+from llmopt.models.architectures import ARCHITECTURES
+
+
+def _hash(path):
+    return irx.sha256_files(irx.model_files(path))
+
+
+@pytest.mark.parametrize("with_past", [False, True], ids=["no-past", "past"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cpu_int8_every_architecture(exported, tmp_path, arch, with_past):
+    src = exported(arch, with_past)
+    before = _hash(src)
+    art = llmopt.compile(src, target="cpu-int8", out=tmp_path / "art", measure_speed=False)
+    assert _hash(src) == before  # the input is never modified
+    assert sorted(p.name for p in art.path.iterdir()) == ["llmopt.json", "model.onnx", "model.onnx.data"]
+    r = json.loads((art.path / "llmopt.json").read_text())
+    assert r == json.loads(json.dumps(art.report))
+    assert r["target"]["name"] == "cpu-int8" and r["provider"] == "CPUExecutionProvider"
+    assert r["source"]["sha256"] == before
+    assert r["verification"]["passed"] and r["verification"]["figures"]["cosine"] > 0.999
+    assert [p["name"] for p in r["passes"]] == ["fold", "cleanup", "quantize-dynamic", "cleanup"]
+    q = r["passes"][2]
+    assert q["counters"]["matmul"] >= 1 and q["bytes_after"] < q["bytes_before"]
+    assert r["io"]["inputs"][0]["name"] == "input_ids"
+    assert (r["kv_cache"] is not None) == with_past
+    # the artifact runs by itself in ORT and agrees with the source
+    model = llmopt.load(src)
+    feeds = verify.sample_inputs(model, verify.default_shapes(with_past)[0], seed=7)
+    want = verify.run(verify.make_session(src), feeds)
+    got = verify.run(verify.make_session(art.model_path), feeds)
+    assert set(got) == set(want)
+    assert verify.compare(want, got).cosine > 0.999
+
+
+def test_cpu_fp32_is_exact(exported, tmp_path):
+    art = llmopt.compile(exported("mistral", True), target="cpu-fp32", out=tmp_path / "a", measure_speed=False)
+    assert art.report["verification"]["figures"]["max_abs"] < 1e-5
+    assert art.report["artifact"]["size_ratio"] > 0.95
+
+
+def test_compile_from_hf_dir_with_speed(hf_dirs, tmp_path):
+    art = llmopt.compile(hf_dirs("qwen2"), target="cpu-int8", out=tmp_path / "a", speed_pairs=3)
+    r = art.report
+    assert r["source"]["kind"] == "huggingface" and r["source"]["export"]["with_past"]
+    assert r["speed"]["pairs"] == 3 and r["speed"]["source_ms"] > 0 and r["speed"]["compiled_ms"] > 0
+    assert r["speed"]["speedup"] == pytest.approx(r["speed"]["speedup"])  # a number, not None
+
+
+def test_passes_and_recipe_replace_pipeline(exported, tmp_path):
+    src = exported("llama", True)
+    art = llmopt.compile(src, out=tmp_path / "a", passes="cleanup,quantize-dynamic{gather=false}", measure_speed=False)
+    assert [p["name"] for p in art.report["passes"]] == ["cleanup", "quantize-dynamic"]
+    assert "gather" not in art.report["passes"][1]["counters"]
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[passes]]\nfixpoint = [{ name = "fold" }, { name = "cleanup" }]\n')
+    art = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "b", recipe=recipe, measure_speed=False)
+    assert art.report["pipeline"] == "fixpoint(fold,cleanup)"
+    assert art.report["passes"][-1]["iteration"] >= 2 and not art.report["passes"][-1]["modified"]
+
+
+def test_missed_budget_writes_nothing_but_the_report(exported, tmp_path):
+    out = tmp_path / "a"
+    report = tmp_path / "report.json"
+    with pytest.raises(VerificationError, match="misses the cpu-int8 accuracy budget: max-abs error") as info:
+        llmopt.compile(exported("llama", True), out=out, thresholds={"max_abs": 1e-9}, report_path=report, measure_speed=False)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".a.")]  # no staging left behind
+    data = json.loads(report.read_text())
+    assert data["verification"]["passed"] is False and data["verification"]["misses"]
+    assert json.loads(json.dumps(info.value.report)) == data
+
+
+def test_recompile_replaces_previous_artifact(exported, tmp_path):
+    src = exported("llama", True)
+    out = tmp_path / "a"
+    llmopt.compile(src, target="cpu-fp32", out=out, measure_speed=False)
+    art = llmopt.compile(src, target="cpu-int8", out=out, measure_speed=False)
+    assert llmopt.Artifact.open(out).report["target"]["name"] == "cpu-int8" == art.report["target"]["name"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
