@@ -1,0 +1,96 @@
+"""The numbers behind issue #2 (docs/benchmarks.md, "Compile spine").
+
+    python benchmarks/spine.py [--pairs 30] [--out benchmarks/results/spine.json]
+
+1. A ~50M-parameter Llama (random init, models/architectures.py "50m"), exported with KV-cache I/O,
+   compiled to cpu-int8: artifact size vs the fp32 source, and single-token latency (after 128
+   cached tokens) of source vs artifact in ONNX Runtime, A/B alternated, threads fixed at 2.
+2. `llmopt inspect` on that model: wall time and peak RSS of the whole process vs the weights' size.
+3. The trained reference model: perplexity of the fp32 export vs the cpu-int8 artifact on its
+   held-out eval text (all of it).
+Keep the machine quiet while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llmopt  # noqa: E402
+from llmopt import evaluate, timing, verify  # noqa: E402
+from llmopt import ir as irx  # noqa: E402
+from llmopt.export import export, reference_model_dir  # noqa: E402
+from llmopt.models.architectures import build  # noqa: E402
+
+from _common import RESULTS, machine, peak_rss_of  # noqa: E402
+
+
+def llama50m(work: Path, pairs: int) -> dict:
+    hf = build("llama", work / "hf-llama50m", size="50m")
+    src = export(hf, work / "llama50m.onnx", with_past=True)
+    art = llmopt.compile(src, target="cpu-int8", out=work / "llama50m-int8", measure_speed=False)
+    model = llmopt.load(src)
+    params = sum(p["count"] for p in irx.parameter_stats(model).values())
+    feeds = timing.decode_feeds(model, past=128)
+    a = verify.make_session(src, threads=2)
+    b = verify.make_session(art.model_path, threads=2)
+    lat = timing.compare_sessions(a, b, feeds, pairs=pairs, warmup=5)
+    inspect_runs = [peak_rss_of([sys.executable, "-m", "llmopt", "inspect", str(src)]) for _ in range(5)]
+    weights = irx.initializer_bytes(model)
+    return {
+        "parameters": params,
+        "source_bytes": art.report["source"]["bytes"],
+        "artifact_bytes": art.report["artifact"]["bytes"],
+        "size_ratio": art.report["artifact"]["size_ratio"],
+        "verification": art.report["verification"]["figures"],
+        "latency": {"fp32_ms": lat["a_ms"], "int8_ms": lat["b_ms"], "speedup": lat["ratio"],
+                    "speedup_min": lat["ratio_min"], "speedup_max": lat["ratio_max"], "pairs": pairs,
+                    "threads": 2, "what": "1 new token after 128 cached, batch 1"},
+        "inspect": {"seconds_median": statistics.median(w for w, _ in inspect_runs),
+                    "peak_rss_bytes_max": max(r for _, r in inspect_runs), "weights_bytes": weights},
+    }
+
+
+def reference(work: Path) -> dict:
+    ref = reference_model_dir()
+    art = llmopt.compile(ref, target="cpu-int8", out=work / "ref-int8", measure_speed=False)
+    src = work / "ref.onnx"
+    export(ref, src, with_past=True)
+    ids = evaluate.tokenize_file(evaluate.load_tokenizer(ref), ref / "eval.txt")
+    fp32 = evaluate.perplexity(verify.make_session(src, threads=2), ids)
+    int8 = evaluate.perplexity(verify.make_session(art.model_path, threads=2), ids)
+    return {"tokens": fp32["tokens"], "fp32_perplexity": fp32["perplexity"], "int8_perplexity": int8["perplexity"],
+            "change": int8["perplexity"] / fp32["perplexity"] - 1, "size_ratio": art.report["artifact"]["size_ratio"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=RESULTS / "spine.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="llmopt-bench-") as tmp:
+        work = Path(tmp)
+        result = {"machine": machine(), "llama50m": llama50m(work, args.pairs), "reference": reference(work)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    m, r = result["llama50m"], result["reference"]
+    lat = m["latency"]
+    print(f"machine: {result['machine']}")
+    print("| model | metric | value |\n|---|---|---|")
+    print(f"| Llama {m['parameters'] / 1e6:.1f}M | cpu-int8 size / fp32 | {m['size_ratio']:.3f} |")
+    print(f"| Llama {m['parameters'] / 1e6:.1f}M | single-token speedup int8 vs fp32 (median of {lat['pairs']} pairs) | "
+          f"{lat['speedup']:.2f}x (range {lat['speedup_min']:.2f}-{lat['speedup_max']:.2f}; {lat['fp32_ms']:.1f} vs {lat['int8_ms']:.1f} ms) |")
+    print(f"| Llama {m['parameters'] / 1e6:.1f}M | `llmopt inspect` wall (median of 5) / peak RSS / weights | "
+          f"{m['inspect']['seconds_median']:.2f} s / {m['inspect']['peak_rss_bytes_max'] / 2**20:.0f} MiB / {m['inspect']['weights_bytes'] / 2**20:.0f} MiB |")
+    print(f"| reference | perplexity fp32 -> cpu-int8 ({r['tokens']} tokens) | {r['fp32_perplexity']:.3f} -> "
+          f"{r['int8_perplexity']:.3f} ({r['change']:+.2%}) |")
+
+
+if __name__ == "__main__":
+    main()
