@@ -71,10 +71,17 @@ def load_hf_model(model_dir: Path):
     weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
     if not weights:
         raise InputError(f"{model_dir}: no weights (*.safetensors or *.bin) next to config.json")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     except Exception as exc:
         raise InputError(f"{model_dir}: transformers cannot load this model ({_line(exc)})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 

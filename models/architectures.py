@@ -19,6 +19,9 @@ _TINY = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 
 
@@ -30,10 +33,10 @@ def config(arch: str, size: str = "tiny"):
         raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHITECTURES)}")
     if size == "tiny":
         if arch == "gpt2":
-            return AutoConfig.for_model("gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+            return AutoConfig.for_model(
+                "gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2
+            )
         kw = dict(_TINY)
-        if arch == "phi3":
-            kw["pad_token_id"] = 0
         if arch == "gemma":
             kw["head_dim"] = 16
         return AutoConfig.for_model(arch, **kw)

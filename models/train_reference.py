@@ -551,6 +551,13 @@ def write_card(out: str, lg: dict, config) -> None:
         )
         for c in pick
     )
+    note = ""
+    if lg["stop_reason"] == "time_budget":
+        note = (
+            f"\nThis run was cut by the time budget at step {lg['steps']} of {lg['max_steps']} (the calibration "
+            f"under-estimated the step time on the shared machine); the last evaluated checkpoint (step "
+            f"{lg['best_step']}) is the saved one, and the val loss was still improving slowly.\n"
+        )
     card = f"""# llmopt reference model (KJV-Llama, {lg['params'] / 1e6:.1f}M)
 
 A small Llama-architecture causal LM trained from scratch on the King James Bible.
@@ -627,9 +634,10 @@ apt-get install -y bible-kjv          # provides the `bible` command + text
 python {lg['command'].split(' ', 1)[1]}
 ```
 
-Add `--max-steps {lg['max_steps']}` to get the same schedule independent of machine speed
-(the default derives the step count from `--minutes` after a timing calibration).
-"""
+The default derives the step count (and so the cosine schedule) from `--minutes` after a
+10-step timing calibration, so results depend slightly on machine speed/load.  Add
+`--max-steps {lg['max_steps']}` to fix the schedule; the loop still also stops at the `--minutes` budget.
+{note}"""
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
 

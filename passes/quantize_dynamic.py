@@ -1,9 +1,18 @@
 """`quantize-dynamic`: int8 weights, activations quantized at run time.
 
 - ``MatMul(x, W)``, ``MatMul(x, Transpose(W))`` and ``Gemm(x, W[, b])`` with a
-  constant 2-D ``W`` become ``com.microsoft::DynamicQuantizeMatMul`` with
-  symmetric int8 weights (per output channel by default); a following bias
-  ``Add`` is folded into its bias input.
+  constant 2-D ``W`` get symmetric int8 weights, lowered to one of two ONNX
+  Runtime kernels (``kernel`` option):
+
+  * ``nbits`` (default): ``com.microsoft::MatMulNBits`` with ``bits=8``, one
+    scale per ``block_size`` input rows of each output column, and
+    ``accuracy_level=4`` (activations quantized to int8 per block at run time,
+    int8 dot products). Measured faster for decode on AVX512-VNNI CPUs
+    (docs/benchmarks.md);
+  * ``dynamic``: ``com.microsoft::DynamicQuantizeMatMul`` with one scale per
+    output channel (or per tensor) and the activation quantized per tensor.
+
+  A following bias ``Add`` is folded into the kernel's bias input.
 - ``Gather(E, ids)`` on a constant embedding table becomes a Gather of int8
   rows times a Gather of per-row scales.
 
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -29,7 +39,10 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeDynamicOptions:
-    per_channel: bool = option(True, "one scale per output channel (else one per tensor)")
+    kernel: Literal["nbits", "dynamic"] = option("nbits", "MatMulNBits (blockwise) or DynamicQuantizeMatMul")
+    block_size: int = option(128, "nbits: input rows per scale (power of two, >= 16)")
+    accuracy_level: int = option(4, "nbits: 4 = int8 activations and int8 compute; 0 = fp32 compute")
+    per_channel: bool = option(True, "dynamic kernel and Gather: one scale per channel/row (else per tensor)")
     matmul: bool = option(True, "quantize MatMul/Gemm weights")
     gather: bool = option(True, "quantize embedding tables read by Gather")
     min_elements: int = option(4096, "leave weights with fewer elements in float")
@@ -38,6 +51,10 @@ class QuantizeDynamicOptions:
     def __post_init__(self):
         if self.min_elements < 0:
             raise ValueError("min_elements must be >= 0")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
 
 
 def quantize_symmetric(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +69,20 @@ def quantize_symmetric(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.
     scale[scale == 0] = 1.0
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return q, scale
+
+
+def quantize_blockwise_u8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` [K, N] → MatMulNBits (bits=8) layout: uint8 ``[N, n_blocks, block_size]`` holding
+    ``q + 128`` (symmetric, so the kernel's default zero point 128 applies) and scales ``[N * n_blocks]``."""
+    k, n = w.shape
+    n_blocks = -(-k // block_size)
+    wt = np.zeros((n, n_blocks * block_size), dtype=np.float32)
+    wt[:, :k] = w.T
+    wt = wt.reshape(n, n_blocks, block_size)
+    scale = np.abs(wt).max(axis=-1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(wt / scale), -127, 127) + 128).astype(np.uint8)
+    return q, scale.reshape(-1).astype(np.float32)
 
 
 @register_pass
@@ -147,8 +178,7 @@ class QuantizeDynamic(Pass):
         w = weight.const_value.numpy().astype(np.float32)  # one tensor, memory-mapped
         if transposed:
             w = w.T
-        q, scale = quantize_symmetric(w, axis=1 if self.options.per_channel else None)
-        scale = scale.reshape(-1) * np.float32(alpha)
+        k, n = w.shape
         out = node.outputs[0]
         # A bias Add right after a MatMul becomes the fused op's bias input.
         consumer_add = None
@@ -158,19 +188,29 @@ class QuantizeDynamic(Pass):
             if cand.op_type == "Add" and cand.domain in ("", "ai.onnx"):
                 other = cand.inputs[1 - use.idx]
                 ct = other.const_value if other is not None and other.is_initializer() else None
-                if ct is not None and ct.dtype == ir.DataType.FLOAT and list(ct.shape) == [q.shape[1]]:
+                if ct is not None and ct.dtype == ir.DataType.FLOAT and list(ct.shape) == [n]:
                     bias, consumer_add = other, cand
-        if bias is not None and (bias.const_value is None or list(bias.const_value.shape) != [q.shape[1]]):
+        if bias is not None and (bias.const_value is None or list(bias.const_value.shape) != [n]):
             self.count("skipped.bias_shape")
             return False
         base = weight.name or "weight"
-        inputs = [a, self._initializer(f"{base}_int8", q), self._initializer(f"{base}_scale", scale.astype(np.float32))]
-        if bias is not None:
-            inputs += [None, bias]  # no zero point (symmetric), then the bias
-        new = ir.node(
-            "DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_dq",
-            num_outputs=1,
-        )
+        if self.options.kernel == "nbits":
+            q, scale = quantize_blockwise_u8(w, self.options.block_size)
+            inputs = [a, self._initializer(f"{base}_q8", q), self._initializer(f"{base}_scales", scale * np.float32(alpha))]
+            if bias is not None:
+                inputs += [None, None, bias]  # no zero points (default 128), no g_idx, then the bias
+            new = ir.node(
+                "MatMulNBits", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_q8",
+                attributes={"K": k, "N": n, "bits": 8, "block_size": self.options.block_size,
+                            "accuracy_level": self.options.accuracy_level},
+            )
+        else:
+            q, scale = quantize_symmetric(w, axis=1 if self.options.per_channel else None)
+            scale = (scale.reshape(-1) * np.float32(alpha)).astype(np.float32)
+            inputs = [a, self._initializer(f"{base}_int8", q), self._initializer(f"{base}_scale", scale)]
+            if bias is not None:
+                inputs += [None, bias]  # no zero point (symmetric), then the bias
+            new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_dq")
         final_out = consumer_add.outputs[0] if consumer_add is not None else out
         new.outputs[0].shape, new.outputs[0].type = final_out.shape, final_out.type
         self._graph.insert_before(node, new)

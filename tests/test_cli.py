@@ -121,7 +121,7 @@ def test_summary_passes_targets_inspect(tmp_path, model_copy):
     assert json.loads(res.stdout)["cpu-int8"]["pipeline"] == "fold,cleanup,quantize-dynamic,cleanup"
     res = llmopt_cli("inspect", tmp_path / "a", "--json")
     info = json.loads(res.stdout)
-    assert info["ops"]["com.microsoft::DynamicQuantizeMatMul"] >= 1
+    assert info["ops"]["com.microsoft::MatMulNBits"] >= 1
     assert info["kv_cache"]["bytes_per_token"] == 512
 
 

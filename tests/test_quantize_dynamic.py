@@ -51,7 +51,7 @@ def test_matmul_with_bias_becomes_one_dynamic_quantize_matmul():
 
     model = _graph(build)
     ref = _run(model, _feeds())
-    p = get_pass("quantize-dynamic")()
+    p = get_pass("quantize-dynamic")(kernel="dynamic")
     assert p(model).modified
     assert _ops(model) == ["DynamicQuantizeMatMul"]
     node = next(iter(model.graph))
@@ -59,6 +59,31 @@ def test_matmul_with_bias_becomes_one_dynamic_quantize_matmul():
     assert node.inputs[1].const_value.dtype == ir.DataType.INT8
     assert list(node.inputs[2].const_value.shape) == [128]  # per output channel
     assert set(model.graph.initializers) == {"w_int8", "w_scale", "b"}
+    assert dict(p.counters) == {"matmul": 1, "bias_folded": 1}
+    out = _run(model, _feeds())
+    np.testing.assert_allclose(out["y0"], ref["y0"], atol=0.03 * np.abs(ref["y0"]).max())
+    assert verify.compare(ref, out).cosine > 0.9995
+
+
+def test_matmul_with_bias_becomes_matmul_nbits_8bit():
+    def build(g, x, ids, init):
+        mm = ir.node("MatMul", [x, init("w", (64, 128))])
+        add = ir.node("Add", [init("b", (128,)), mm.outputs[0]])  # bias on the left
+        g.extend([mm, add])
+        return [add.outputs[0]]
+
+    model = _graph(build)
+    ref = _run(model, _feeds())
+    p = get_pass("quantize-dynamic")(block_size=32)
+    assert p(model).modified
+    assert _ops(model) == ["MatMulNBits"]
+    node = next(iter(model.graph))
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    assert attrs == {"K": 64, "N": 128, "bits": 8, "block_size": 32, "accuracy_level": 4}
+    assert node.inputs[1].const_value.dtype == ir.DataType.UINT8
+    assert list(node.inputs[1].const_value.shape) == [128, 2, 32]  # [N, K / block, block]
+    assert list(node.inputs[2].const_value.shape) == [128 * 2]
+    assert node.inputs[5].name == "b"
     assert dict(p.counters) == {"matmul": 1, "bias_folded": 1}
     out = _run(model, _feeds())
     np.testing.assert_allclose(out["y0"], ref["y0"], atol=0.03 * np.abs(ref["y0"]).max())
@@ -78,7 +103,7 @@ def test_tied_embedding_gather_and_transposed_matmul():
     ref = _run(model, _feeds())
     p = get_pass("quantize-dynamic")()
     assert p(model).modified
-    assert sorted(_ops(model)) == ["Cast", "DynamicQuantizeMatMul", "Gather", "Gather", "Mul"]
+    assert sorted(_ops(model)) == ["Cast", "Gather", "Gather", "MatMulNBits", "Mul"]
     assert "embed" not in model.graph.initializers  # float table dropped, Transpose gone
     assert dict(p.counters) == {"matmul": 1, "gather": 1}
     out = _run(model, _feeds())
@@ -105,7 +130,8 @@ def test_small_excluded_and_non_constant_weights_untouched():
     assert _ops(model).count("MatMul") == 3
 
 
-def test_gemm_with_transb_and_alpha():
+@pytest.mark.parametrize("kernel", ["nbits", "dynamic"])
+def test_gemm_with_transb_and_alpha(kernel):
     def build(g, x, ids, init):
         r = ir.node("Reshape", [x, ir.Value(name="shp", const_value=ir.tensor(np.array([6, 64], np.int64), name="shp"))])
         g.register_initializer(r.inputs[1])
@@ -115,20 +141,31 @@ def test_gemm_with_transb_and_alpha():
 
     model = _graph(build)
     ref = _run(model, _feeds())
-    assert get_pass("quantize-dynamic")()(model).modified
-    assert _ops(model) == ["Reshape", "DynamicQuantizeMatMul"]
+    assert get_pass("quantize-dynamic")(kernel=kernel)(model).modified
+    assert _ops(model) == ["Reshape", {"nbits": "MatMulNBits", "dynamic": "DynamicQuantizeMatMul"}[kernel]]
     out = _run(model, _feeds())
     assert verify.compare(ref, out).cosine > 0.9995
 
 
+def test_bad_options():
+    from llmopt.errors import PipelineError
+    from llmopt.pipeline import parse
+
+    for text, match in [("quantize-dynamic{block_size=48}", "power of two"), ("quantize-dynamic{kernel=fast}", "nbits, dynamic"),
+                        ("quantize-dynamic{accuracy_level=9}", "0..4")]:
+        with pytest.raises(PipelineError, match=match):
+            parse(text).validate()
+
+
+@pytest.mark.parametrize("kernel", ["nbits", "dynamic"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_real_exports_before_and_after(exported, arch):
+def test_real_exports_before_and_after(exported, arch, kernel):
     path = exported(arch, True)
     model = llmopt.load(path)
     shapes = verify.default_shapes(True)
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(shapes)]
     before = verify.run_ir_model(model, feeds)
-    p = get_pass("quantize-dynamic")(min_elements=0)  # tiny models: quantize every weight
+    p = get_pass("quantize-dynamic")(min_elements=0, kernel=kernel, block_size=16)  # tiny: quantize every weight
     assert p(model).modified
     assert p.counters["matmul"] >= 2 * 4 and p.counters["gather"] >= 1
     assert not any(n.op_type in ("MatMul", "Gemm") and n.inputs[1].is_initializer() for n in model.graph)
