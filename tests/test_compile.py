@@ -29,8 +29,9 @@ def test_cpu_int8_every_architecture(exported, tmp_path, arch, with_past):
     assert r["target"]["name"] == "cpu-int8" and r["provider"] == "CPUExecutionProvider"
     assert r["source"]["sha256"] == before
     assert r["verification"]["passed"] and r["verification"]["figures"]["cosine"] > 0.999
-    assert [p["name"] for p in r["passes"]] == ["fold", "cleanup", "quantize-dynamic", "cleanup"]
-    q = r["passes"][2]
+    assert [p["name"] for p in r["passes"]] == ["fold", "cleanup", "fuse", "quantize-dynamic", "cleanup"]
+    assert r["passes"][2]["nodes_after"] < r["passes"][2]["nodes_before"]
+    q = r["passes"][3]
     assert q["counters"]["matmul"] >= 1 and q["bytes_after"] < q["bytes_before"]
     assert r["io"]["inputs"][0]["name"] == "input_ids"
     assert (r["kv_cache"] is not None) == with_past
@@ -44,9 +45,14 @@ def test_cpu_int8_every_architecture(exported, tmp_path, arch, with_past):
 
 
 def test_cpu_fp32_is_exact(exported, tmp_path):
-    art = llmopt.compile(exported("mistral", True), target="cpu-fp32", out=tmp_path / "a", measure_speed=False)
+    from llmopt.inspector import inspect_model
+
+    src = exported("mistral", True)
+    art = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "a", measure_speed=False)
     assert art.report["verification"]["figures"]["max_abs"] < 1e-5
-    assert art.report["artifact"]["size_ratio"] > 0.95
+    weights = [inspect_model(p)["parameters"]["by_dtype"]["float"]["bytes"] for p in (src, art.path)]
+    assert weights[1] == pytest.approx(weights[0], rel=0.01)  # fp32 stays fp32
+    assert art.report["artifact"]["nodes"] < art.report["artifact"]["source_nodes"]
 
 
 def test_compile_from_hf_dir_with_speed(hf_dirs, tmp_path):
