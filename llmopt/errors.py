@@ -7,6 +7,12 @@ any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (for one-line errors), or its type name."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class LlmoptError(Exception):
     """A problem the user can fix. The message says what, where, and what to do."""
 

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from llmopt import ir as irx
-from llmopt.errors import InputError, MissingDependencyError, OutputError
+from llmopt.errors import InputError, MissingDependencyError, OutputError, first_line
 
 REFERENCE_NAME = "reference"
 
@@ -67,7 +67,7 @@ def load_hf_model(model_dir: Path):
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:
-        raise InputError(f"{model_dir}: config.json cannot be read as a transformers config ({_line(exc)})") from None
+        raise InputError(f"{model_dir}: config.json cannot be read as a transformers config ({first_line(exc)})") from None
     weights = list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.bin"))
     if not weights:
         raise InputError(f"{model_dir}: no weights (*.safetensors or *.bin) next to config.json")
@@ -78,7 +78,7 @@ def load_hf_model(model_dir: Path):
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     except Exception as exc:
-        raise InputError(f"{model_dir}: transformers cannot load this model ({_line(exc)})") from None
+        raise InputError(f"{model_dir}: transformers cannot load this model ({first_line(exc)})") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -199,7 +199,7 @@ def export(
             )
         except Exception as exc:
             raise InputError(
-                f"{src}: torch.onnx export of {type(model).__name__} failed ({_line(exc)}); "
+                f"{src}: torch.onnx export of {type(model).__name__} failed ({first_line(exc)}); "
                 "rerun with --verbose for the exporter's log"
             ) from None
     onnx_model = program.model
@@ -251,8 +251,3 @@ def _quiet():
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from llmopt.errors import InputError
+from llmopt.errors import InputError, first_line
 
 MODEL_FILE = "model.onnx"
 DATA_SUFFIX = ".data"
@@ -54,7 +54,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         model = ir.load(p)
     except Exception as exc:  # protobuf raises DecodeError, onnx_ir raises several kinds
         raise InputError(
-            f"{p}: not a valid ONNX model ({type(exc).__name__}: {_first_line(exc)}); "
+            f"{p}: not a valid ONNX model ({type(exc).__name__}: {first_line(exc, 200)}); "
             "the file may be truncated or of another format"
         ) from None
     if len(model.graph) == 0 and not model.graph.outputs:
@@ -193,6 +193,10 @@ def io_signature(model: ir.Model) -> dict[str, list[dict]]:
     }
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else "no details"
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Point every use of ``old`` at ``new``; a graph output keeps its name (names are the interface)."""
+    was_output, name = old.is_graph_output(), old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output:
+        old.name = None
+        new.name = name

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from llmopt import ir as irx
 from llmopt import verify
-from llmopt.errors import LlmoptError, VerificationError
+from llmopt.errors import LlmoptError, VerificationError, first_line
 from llmopt.pass_base import Pass, make_options
 from llmopt.pipeline import FixedPoint, Item, PassSpec, Pipeline
 from llmopt.registry import get_pass
@@ -71,11 +71,11 @@ class _VerifyEach:
             try:
                 verify.check_onnx(path)
             except Exception as exc:  # onnx.checker.ValidationError and friends
-                raise VerificationError(f"{where} produced an invalid model (ONNX checker: {_line(exc)})") from None
+                raise VerificationError(f"{where} produced an invalid model (ONNX checker: {first_line(exc)})") from None
             try:
                 outputs = verify.run_path(path, self.feeds)
             except Exception as exc:  # ORT refuses to load or run it
-                raise VerificationError(f"{where} produced a model ONNX Runtime cannot run: {_line(exc)}") from None
+                raise VerificationError(f"{where} produced a model ONNX Runtime cannot run: {first_line(exc)}") from None
         figs = verify.worst([verify.compare(r, o) for r, o in zip(self.reference, outputs)])
         misses = figs.misses(self.thresholds)
         record.verify = {"figures": figs.as_dict(), "misses": misses}
@@ -186,11 +186,6 @@ class PassManager:
         with open(fd, "w") as fh:
             json.dump(info, fh, indent=2)
         return Path(name)
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def run_pipeline(model: ir.Model, pipeline: Pipeline | str, **kwargs: Any) -> PipelineResult:

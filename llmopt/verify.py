@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmopt import ir as irx
+from llmopt.errors import VerificationError, first_line
 
 # ONNX tensor dtype → numpy dtype for the inputs we synthesize.
 _NP = {
@@ -308,11 +309,8 @@ def verify_files(
     try:
         sess = make_session(irx.resolve_model_file(compiled), providers)
     except Exception as exc:  # ORT refuses the graph: a pass produced something it cannot run
-        from llmopt.errors import VerificationError
-
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise VerificationError(
-            f"ONNX Runtime ({providers[0]}) cannot load the compiled model: {first}; "
+            f"ONNX Runtime ({providers[0]}) cannot load the compiled model: {first_line(exc)}; "
             "rerun with --verify-each to name the pass that broke it"
         ) from None
     figs = []
@@ -320,10 +318,7 @@ def verify_files(
         try:
             figs.append(compare(ref, run(sess, feed)))
         except Exception as exc:  # the compiled graph fails on an input the source runs
-            from llmopt.errors import VerificationError
-
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise VerificationError(
-                f"the compiled model fails on a sample the source runs ({dataclasses.asdict(shape)}): {first}"
+                f"the compiled model fails on a sample the source runs ({dataclasses.asdict(shape)}): {first_line(exc)}"
             ) from None
     return Verification(worst(figs), thresholds, [dataclasses.asdict(s) for s in shapes], providers[0])

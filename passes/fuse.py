@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from llmopt import ir as irx
 from llmopt.pass_base import Pass, option
 from llmopt.registry import register_pass
 
@@ -77,10 +78,7 @@ def _gemm_to_matmul(model: ir.Model) -> int:
         old = node.outputs[0]
         result.shape, result.type = old.shape, old.type
         graph.insert_before(node, new_nodes)
-        was_output, name = old.is_graph_output(), old.name
-        ir.convenience.replace_all_uses_with(old, result, replace_graph_outputs=True)
-        if was_output:
-            old.name, result.name = None, name
+        irx.replace_value(old, result)
         graph.remove(node, safe=True)
         n += 1
     return n

@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from llmopt import ir as irx
 from llmopt.pass_base import Pass, option
 from llmopt.registry import register_pass
 
@@ -215,7 +216,7 @@ class QuantizeDynamic(Pass):
         new.outputs[0].shape, new.outputs[0].type = final_out.shape, final_out.type
         self._graph.insert_before(node, new)
         replaced = [node] + ([consumer_add] if consumer_add is not None else [])
-        _replace_value(final_out, new.outputs[0])
+        irx.replace_value(final_out, new.outputs[0])
         for n in reversed(replaced):
             self._graph.remove(n, safe=True)
         self.count("matmul")
@@ -247,7 +248,7 @@ class QuantizeDynamic(Pass):
         mul = ir.node("Mul", [cast.outputs[0], g_s.outputs[0]], name=f"{node.name}_dequant")
         mul.outputs[0].shape, mul.outputs[0].type = out.shape, out.type
         self._graph.insert_before(node, [g_q, cast, g_s, mul])
-        _replace_value(out, mul.outputs[0])
+        irx.replace_value(out, mul.outputs[0])
         self._graph.remove(node, safe=True)
         self.count("gather")
         return True
@@ -263,16 +264,6 @@ class QuantizeDynamic(Pass):
         for name, value in list(self._graph.initializers.items()):
             if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                 del self._graph.initializers[name]
-
-
-def _replace_value(old: ir.Value, new: ir.Value) -> None:
-    """Point every use of ``old`` at ``new``; a graph output keeps its name."""
-    was_output = old.is_graph_output()
-    name = old.name
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    if was_output:
-        old.name = None
-        new.name = name
 
 
 def _all_values(graph: ir.Graph):
