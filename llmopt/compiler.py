@@ -208,6 +208,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             "pipeline": str(pipeline),
             "passes": [r.as_dict() for r in result.records],
             "warnings": result.warnings,
+            "constraints": io_constraints(result.model),
             "io": irx.io_signature(result.model),
             "kv_cache": kv_cache_info(result.model),
             "artifact": {
@@ -245,6 +246,17 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def io_constraints(model) -> list[str]:
+    """What callers of the compiled graph must respect beyond its signature."""
+    notes = []
+    if any(n.op_type == "GroupQueryAttention" for n in model.graph):
+        notes.append(
+            "GroupQueryAttention: sequence lengths are read from attention_mask's sum, so padding must be on "
+            "the right; a step with several new tokens and a non-empty cache must have batch 1"
+        )
+    return notes
 
 
 def _measure(report, src_model, src_file, compiled_file, tgt, eval_text, eval_tokens, hf_dir,

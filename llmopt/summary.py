@@ -40,5 +40,7 @@ def format_compile_report(r: dict[str, Any], path: Path) -> str:
         )
     for w in r.get("warnings", []):
         lines.append(f"  warning   {w}")
+    for c in r.get("constraints", []):
+        lines.append(f"  note      {c}")
     lines.append(f"  passes    {r['pipeline']}  (details: {path}/llmopt.json)")
     return "\n".join(lines)

@@ -35,6 +35,8 @@ def test_cpu_int8_every_architecture(exported, tmp_path, arch, with_past):
     assert q["counters"]["matmul"] >= 1 and q["bytes_after"] < q["bytes_before"]
     assert r["io"]["inputs"][0]["name"] == "input_ids"
     assert (r["kv_cache"] is not None) == with_past
+    has_gqa = any(n.op_type == "GroupQueryAttention" for n in llmopt.load(art.model_path).graph)
+    assert bool(r["constraints"]) == has_gqa
     # the artifact runs by itself in ORT and agrees with the source
     model = llmopt.load(src)
     feeds = verify.sample_inputs(model, verify.default_shapes(with_past)[0], seed=7)
