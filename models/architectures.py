@@ -25,8 +25,8 @@ _TINY = dict(
 )
 
 
-def config(arch: str, size: str = "tiny"):
-    """A transformers config for ``arch`` at ``size`` ('tiny' or '50m')."""
+def config(arch: str, size: str = "tiny", layers: int | None = None):
+    """A transformers config for ``arch`` at ``size`` ('tiny' or '50m'); ``layers`` overrides the depth of 'tiny'."""
     from transformers import AutoConfig
 
     if arch not in ARCHITECTURES:
@@ -34,9 +34,10 @@ def config(arch: str, size: str = "tiny"):
     if size == "tiny":
         if arch == "gpt2":
             return AutoConfig.for_model(
-                "gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2
+                "gpt2", vocab_size=512, n_embd=64, n_layer=layers or 2, n_head=4, n_positions=256,
+                bos_token_id=1, eos_token_id=2,
             )
-        kw = dict(_TINY)
+        kw = dict(_TINY, num_hidden_layers=layers or _TINY["num_hidden_layers"])
         if arch == "gemma":
             kw["head_dim"] = 16
         return AutoConfig.for_model(arch, **kw)
