@@ -106,7 +106,36 @@ class RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
         return op.Transpose(op.MatMul(op.Constant(value=ir.tensor(inv)), pos), perm=[0, 2, 1])
 
 
-_CANONICALIZE = pattern.RewriteRuleSet([RotaryAnglesAsMatMul.rule()])
+class IdentityReshape(pattern.RewriteRuleClassBase):
+    """``Reshape(x, shape)`` whose output has the same (symbolic) shape as ``x`` → ``x``.
+
+    Phi-3's export reshapes the attention output to the shape it already has, which hides the
+    SDPA → Transpose → Reshape chain the attention fusions look for.
+    """
+
+    def pattern(self, op, x, shape):
+        return op.Reshape(x, shape, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        result = pattern.MatchResult()
+        if x.shape is None or y.shape is None or len(x.shape) != len(y.shape):
+            return result.fail("shapes unknown or of different rank", [x, y])
+        for a, b in zip(x.shape, y.shape):
+            if not (isinstance(a, int) and a == b) and not (
+                isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a.value == b.value
+            ):
+                return result.fail(f"dims {a} and {b} are not provably equal", [x, y])
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
+# Our canonicalization rules, by counter name, applied in order before onnxscript's fusions.
+_CANONICALIZE = {
+    "rotary_angles": pattern.RewriteRuleSet([RotaryAnglesAsMatMul.rule()]),
+    "identity_reshape": pattern.RewriteRuleSet([IdentityReshape.rule()]),
+}
 
 
 @register_pass
@@ -122,9 +151,10 @@ class Fuse(Pass):
         gemms = _gemm_to_matmul(model)
         if gemms:
             self.count("gemm_to_matmul", gemms)
-        angles = _CANONICALIZE.apply_to_model(model)
-        if angles:
-            self.count("rotary_angles", angles)
+        for rule_name, rules in _CANONICALIZE.items():
+            matched = rules.apply_to_model(model)
+            if matched:
+                self.count(rule_name, matched)
         result, counts = optimize_for_ort(model, clear_metadata=self.options.clear_metadata)
         if result is not model:  # the pass contract is in place; onnxscript keeps the object today
             raise RuntimeError("onnxscript's optimize_for_ort returned a new model object")
