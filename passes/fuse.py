@@ -42,8 +42,17 @@ class FuseOptions:
 
 
 def _structure(model: ir.Model) -> tuple:
+    """The graph's node structure: ops, attributes and wiring (value identity and name)."""
+
+    def key(v):
+        return None if v is None else (id(v), v.name)
+
+    def attr(a):  # scalars and lists by value; tensors and graphs by identity (never printed)
+        return str(a.value) if isinstance(a.value, (int, float, str, list, tuple)) else id(a.value)
+
     return tuple(
-        (n.domain, n.op_type, tuple(id(v) for v in n.inputs), tuple(id(v) for v in n.outputs))
+        (n.domain, n.op_type, tuple(sorted((k, attr(a)) for k, a in n.attributes.items())),
+         tuple(map(key, n.inputs)), tuple(map(key, n.outputs)))
         for n in model.graph
     )
 
