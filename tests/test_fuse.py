@@ -24,6 +24,14 @@ def test_fuse_keeps_logits(exported, arch, with_past):
     assert len(list(model.graph)) < nodes
     assert {n.op_type for n in model.graph} & FUSED_OPS
     assert sum(v for k, v in p.counters.items() if "normalization" in k) >= 2 * 2  # two norms per layer
+    ops = [n.op_type for n in model.graph]
+    layers = 2
+    assert sum(ops.count(o) for o in ("GroupQueryAttention", "MultiHeadAttention")) == layers
+    assert sum(ops.count(o) for o in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                                      "LayerNormalization", "SkipLayerNormalization")) == 2 * layers + 1
+    if with_past and arch != "gpt2":  # rotary folded into GroupQueryAttention (do_rotary=1)
+        gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+        assert len(gqa) == layers and all(n.attributes["do_rotary"].as_int() == 1 for n in gqa)
     after = verify.run_ir_model(model, feeds)
     for b, a in zip(before, after):
         for name in b:
