@@ -1,0 +1,57 @@
+"""Where decode time goes: ONNX Runtime's profiler, grouped by op type.
+
+    python benchmarks/profile_ops.py MODEL.onnx [MODEL2.onnx ...] [--steps 30]
+
+Runs single-token decode steps (after 128 cached tokens, batch 1, 2 threads) and prints, per
+model, the mean kernel time per step of each op type. Used to choose between quantized MatMul
+kernels (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+
+import onnxruntime as ort
+
+import llmopt
+from llmopt import timing, verify
+
+
+def profile(path: str, steps: int) -> dict[str, float]:
+    feeds = timing.decode_feeds(llmopt.load(path), past=128)
+    so = verify.session_options(threads=2)
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "prof")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    f = {i.name: feeds[i.name] for i in sess.get_inputs()}
+    for _ in range(steps):
+        sess.run(names, f)
+    trace = sess.end_profiling()
+    per_op: collections.Counter[str] = collections.Counter()
+    with open(trace) as fh:
+        for e in json.load(fh):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_op[e["args"]["op_name"]] += e["dur"]
+    os.remove(trace)
+    return {op: us / steps / 1000 for op, us in per_op.most_common()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    for path in args.models:
+        ms = profile(path, args.steps)
+        print(f"{path}: {sum(ms.values()):.2f} ms of kernels per step")
+        for op, t in list(ms.items())[:8]:
+            print(f"  {op:<36} {t:7.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
