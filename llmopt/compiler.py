@@ -182,6 +182,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
         counters = ", ".join(f"{k}={v}" for k, v in rec.counters.items() if v) or "no change"
         _log(progress, f"        {rec.nodes_before}→{rec.nodes_after} nodes, {rec.seconds:.2f}s, {counters}")
 
+    source_nodes = irx.node_count(ir_model)
     manager = PassManager(
         pipeline, verify_each=verify_each, thresholds=tgt.thresholds, on_start=on_start, on_end=on_end,
         source=str(model_arg),
@@ -216,22 +217,20 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
                 "bytes": artifact_bytes,
                 "size_ratio": round(artifact_bytes / source_info["bytes"], 4) if source_info["bytes"] else None,
                 "nodes": irx.node_count(result.model),
-                "source_nodes": None,
+                "source_nodes": source_nodes,
             },
             "verification": None,
             "speed": None,
             "accuracy": None,
         }
         del result, ir_model
-        src_model = irx.load(src_file)
-        report["artifact"]["source_nodes"] = irx.node_count(src_model)
         compiled_file = staging / irx.MODEL_FILE
         if verify_model:
             _log(progress, f"verify  source vs compiled in ONNX Runtime ({', '.join(tgt.verify_providers)})")
             ver = verify.verify_files(src_file, compiled_file, tgt.thresholds, tgt.verify_providers)
             report["verification"] = ver.as_dict()
         if measure_speed or eval_text:
-            _measure(report, src_model, src_file, compiled_file, tgt, eval_text, eval_tokens, hf_dir,
+            _measure(report, irx.load(src_file), src_file, compiled_file, tgt, eval_text, eval_tokens, hf_dir,
                      measure_speed, speed_pairs, progress)
         if verify_model and not report["verification"]["passed"]:
             misses = "; ".join(report["verification"]["misses"])

@@ -254,10 +254,7 @@ class QuantizeDynamic(Pass):
         return True
 
     def _drop_unused_initializers(self) -> None:
-        for name, value in list(self._graph.initializers.items()):
-            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-                del self._graph.initializers[name]
-        # Transposes of weights we replaced are now dead; remove them and their inputs.
+        # Transposes of weights we replaced are dead now; remove them first so their inputs free up.
         for node in list(self._graph):
             if node.op_type == "Transpose" and all(not o.uses() and not o.is_graph_output() for o in node.outputs):
                 self._graph.remove(node, safe=True)

@@ -62,7 +62,8 @@ def test_compile_from_hf_dir_with_speed(hf_dirs, tmp_path):
     r = art.report
     assert r["source"]["kind"] == "huggingface" and r["source"]["export"]["with_past"]
     assert r["speed"]["pairs"] == 3 and r["speed"]["source_ms"] > 0 and r["speed"]["compiled_ms"] > 0
-    assert r["speed"]["speedup"] == pytest.approx(r["speed"]["speedup"])  # a number, not None
+    s = r["speed"]
+    assert s["speedup_min"] <= s["speedup"] <= s["speedup_max"] and s["speedup"] > 0
 
 
 def test_passes_and_recipe_replace_pipeline(exported, tmp_path):
