@@ -58,6 +58,7 @@ def compile(  # noqa: A001
     threshold: list[str] = typer.Option([], "--threshold", help="override a verify threshold, e.g. --threshold min_cosine=0.999 (repeatable)"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write the report JSON here (written on failure too)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON instead of a summary"),
+    explain: list[str] = typer.Option([], "--explain", help="say why a pass's rules did not fire, e.g. --explain fuse (repeatable)"),
 ):
     """Compile a model for a target: run the pipeline, write the artifact, verify it."""
     from llmopt.compiler import compile as do_compile
@@ -68,6 +69,7 @@ def compile(  # noqa: A001
             model, target, output, passes=passes, recipe=recipe, verify_model=verify, verify_each=verify_each,
             with_past=with_past, eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=speed,
             report_path=report, thresholds=_parse_thresholds(threshold), progress=None if as_json else _progress,
+            explain=explain,
         )
     except VerificationError as exc:
         if as_json and exc.report is not None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from llmopt import __version__
 from llmopt import ir as irx
 from llmopt import verify
-from llmopt.errors import InputError, OutputError, VerificationError
+from llmopt.errors import InputError, OutputError, PipelineError, VerificationError
 from llmopt.inspector import kv_cache_info
 from llmopt.manager import PassManager
 from llmopt.pipeline import Pipeline, load_recipe, parse
@@ -105,9 +105,13 @@ def compile(  # noqa: A001 - the public name users expect
     report_path: str | os.PathLike | None = None,
     thresholds: dict[str, float] | None = None,
     progress: Callable[[str], None] | None = None,
+    explain: tuple[str, ...] | list[str] = (),
 ) -> Artifact:
     """Compile ``model`` (an .onnx file, a directory holding one, or a Hugging Face model
     directory, exported first) for ``target`` into the directory ``out``.
+
+    ``explain`` names passes (e.g. ``["fuse"]``) that should record why their rules did not fire;
+    the report holds it under each pass's ``explanations``.
 
     Raises ``VerificationError`` (exit code 1 on the CLI) when the compiled model misses
     the target's thresholds; the artifact is then not written, the report still is
@@ -119,6 +123,9 @@ def compile(  # noqa: A001 - the public name users expect
         tgt = dataclasses.replace(tgt, thresholds=override_thresholds(tgt.thresholds, thresholds))
     pipeline = resolve_pipeline(tgt, passes, recipe)
     pipeline.validate()  # unknown passes/options fail before any work
+    unknown = set(explain) - {spec.name for spec in pipeline.pass_specs()}
+    if unknown:
+        raise PipelineError(f"--explain {', '.join(sorted(unknown))}: no such pass in the pipeline '{pipeline}'")
     from llmopt.export import resolve_hf_dir
 
     hf_dir = resolve_hf_dir(model)
@@ -129,7 +136,7 @@ def compile(  # noqa: A001 - the public name users expect
             model, hf_dir, tgt, pipeline, out, work,
             verify_model=verify_model, verify_each=verify_each, with_past=with_past,
             eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=measure_speed,
-            speed_pairs=speed_pairs, progress=progress, started=started,
+            speed_pairs=speed_pairs, progress=progress, started=started, explain=tuple(explain),
         )
     except VerificationError as exc:
         if report_path and exc.report is not None:
@@ -143,7 +150,7 @@ def compile(  # noqa: A001 - the public name users expect
 
 
 def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verify_each, with_past,
-             eval_text, eval_tokens, measure_speed, speed_pairs, progress, started) -> dict[str, Any]:
+             eval_text, eval_tokens, measure_speed, speed_pairs, progress, started, explain) -> dict[str, Any]:
     source_info: dict[str, Any]
     if hf_dir is not None:
         from llmopt.export import export
@@ -185,7 +192,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
     source_nodes = irx.node_count(ir_model)
     manager = PassManager(
         pipeline, verify_each=verify_each, thresholds=tgt.thresholds, on_start=on_start, on_end=on_end,
-        source=str(model_arg),
+        source=str(model_arg), explain=explain,
     )
     result = manager.run(ir_model)
 

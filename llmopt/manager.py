@@ -10,13 +10,13 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import onnx_ir as ir
 
 from llmopt import ir as irx
 from llmopt import verify
-from llmopt.errors import LlmoptError, VerificationError, first_line
+from llmopt.errors import LlmoptError, PipelineError, VerificationError, first_line
 from llmopt.pass_base import Pass, make_options
 from llmopt.pipeline import FixedPoint, Item, PassSpec, Pipeline
 from llmopt.registry import get_pass
@@ -37,6 +37,7 @@ class PassRecord:
     counters: dict[str, int]
     iteration: int | None = None
     verify: dict[str, Any] | None = None
+    explanations: list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -45,6 +46,8 @@ class PassRecord:
             d.pop("iteration")
         if self.verify is None:
             d.pop("verify")
+        if self.explanations is None:
+            d.pop("explanations")
         return d
 
 
@@ -97,6 +100,7 @@ class PassManager:
         on_start: Callable[[int, PassSpec], None] | None = None,
         on_end: Callable[[int, PassRecord], None] | None = None,
         source: str | None = None,
+        explain: Iterable[str] = (),
     ):
         pipeline.validate()
         self.pipeline = pipeline
@@ -105,6 +109,10 @@ class PassManager:
         self.on_start = on_start
         self.on_end = on_end
         self.source = source
+        self.explain = set(explain)
+        unknown = self.explain - {spec.name for spec in pipeline.pass_specs()}
+        if unknown:
+            raise PipelineError(f"--explain {', '.join(sorted(unknown))}: no such pass in the pipeline '{pipeline}'")
         self._records: list[PassRecord] = []
         self._warnings: list[str] = []
         self._checker: _VerifyEach | None = None
@@ -137,6 +145,7 @@ class PassManager:
     def _run_pass(self, model: ir.Model, spec: PassSpec, iteration: int | None) -> bool:
         cls = get_pass(spec.name)
         instance: Pass = cls(make_options(cls.Options, dict(spec.options), spec.name))
+        instance.explain = spec.name in self.explain
         index = len(self._records) + 1
         if self.on_start:
             self.on_start(index, spec)
@@ -164,6 +173,7 @@ class PassManager:
             bytes_after=irx.initializer_bytes(model),
             counters=dict(sorted(instance.counters.items())),
             iteration=iteration,
+            explanations=list(instance.explanations) if instance.explain else None,
         )
         self._records.append(record)
         if self._checker is not None:

@@ -44,17 +44,27 @@ class Pass(ir.passes.InPlacePass):
             raise TypeError("pass either an Options instance or keyword options, not both")
         self.options = options
         self.counters: Counter[str] = Counter()
+        self.explain = False  # set by the PassManager for `--explain NAME`
+        self.explanations: list[dict[str, Any]] = []
 
     def run(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.counters = Counter()
+        self.explanations = []
         modified = bool(self.run(model))
         return ir.passes.PassResult(model, modified)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] += n
+
+    def explain_why(self, **entry: Any) -> None:
+        """Record why something did not happen (a rule that did not fire, and the check that failed).
+
+        Passes call this only when ``self.explain`` is set: explaining may cost extra matching.
+        """
+        self.explanations.append(entry)
 
     @classmethod
     def describe_options(cls) -> list[dict[str, Any]]:

@@ -42,5 +42,15 @@ def format_compile_report(r: dict[str, Any], path: Path) -> str:
         lines.append(f"  warning   {w}")
     for c in r.get("constraints", []):
         lines.append(f"  note      {c}")
+    for rec in r.get("passes", []):
+        entries = rec.get("explanations") or []
+        quiet = [e for e in entries if e["status"] == "no partial match"]
+        for e in sorted((e for e in entries if e not in quiet), key=lambda e: -e.get("matched_nodes", 0)):
+            near = f" near {', '.join(e['near'])}" if e.get("near") else ""
+            at = f" (best partial match at {e['at']}, {e['matched_nodes']} nodes{near})" if e.get("at") else ""
+            lines.append(f"  explain   {rec['name']}/{e.get('stage', '')}: {e['rule']} did not fire - {e['status']}: {e['reason']}{at}")
+        if quiet:
+            lines.append(f"  explain   {rec['name']}: {len(quiet)} more rules matched nothing at all "
+                         f"({', '.join(sorted({e['rule'] for e in quiet}))})")
     lines.append(f"  passes    {r['pipeline']}  (details: {path}/llmopt.json)")
     return "\n".join(lines)

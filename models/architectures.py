@@ -58,13 +58,22 @@ def config(arch: str, size: str = "tiny", layers: int | None = None):
     raise ValueError(f"unknown size {size!r}; 'tiny' or '50m'")
 
 
-def build(arch: str, out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Save a random-init model of ``arch`` to ``out`` (a Hugging Face model directory)."""
+def build(arch: str, out: str | Path, size: str = "tiny", seed: int = 0, layers: int | None = None) -> Path:
+    """Save a random-init model of ``arch`` to ``out`` (a Hugging Face model directory).
+
+    Every tensor is random, norms and biases included: Hugging Face initializes those to 1 and 0,
+    which constant folding would erase and common-subexpression elimination would merge across
+    layers — graphs no trained model has.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(arch, size)).eval()
+    model = AutoModelForCausalLM.from_config(config(arch, size, layers=layers)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() > 1 and bool((param == param.flatten()[0]).all()):
+                param.add_(torch.randn_like(param) * 0.02)
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -1,45 +1,164 @@
-"""`fuse`: operator fusion for transformer graphs.
+"""`fuse`: operator fusion for transformer graphs, as an ordered list of named rule stages.
 
-Runs onnxscript's ORT fusion rules (``onnxscript.rewriter.ort_fusions``, reused as is):
-RMSNorm / LayerNorm and their skip (residual) forms, GELU variants, rotary embeddings and
-their cos/sin caches, scaled-dot-product attention → ``MultiHeadAttention`` /
-``GroupQueryAttention`` where their patterns match. Before them, llmopt's own rules put
-today's exports in the form those patterns expect:
+Which rules are whose:
 
-- ``gemm_to_matmul`` (ours): ``Gemm`` → ``MatMul`` + ``Add`` (GPT-2's export otherwise ends up
-  with a rank-3 Gemm that ONNX Runtime refuses);
-- ``rotary_angles`` (ours, an onnxscript pattern rule): transformers ≥ 5 computes the rotary
-  angles as ``Mul(Cast(Unsqueeze(position_ids, -1)), inv_freq)``; onnxscript's cos/sin-cache rule
-  expects ``Transpose(MatMul(inv_freq[1,E,1], position_ids[B,1,S]))``. Rewriting the one into the
-  other (bit-identical: a product with a contraction of length 1) is what lets the rotary and
-  then the GroupQueryAttention fusions fire: 13 nodes per Llama layer instead of onnxscript's 49
-  alone (docs/benchmarks.md, "Fusion coverage").
+=====================  ======================================================  ==========
+stage (counter)        what it does                                            rules
+=====================  ======================================================  ==========
+gemm_to_matmul         ``Gemm`` → ``MatMul`` + ``Add``                         llmopt
+rotary_angles          transformers ≥ 5 rotary angles → the MatMul form        llmopt
+identity_reshape       drop a Reshape to the shape its input has (Phi-3)       llmopt
+(prepare)              shape inference, constant folding, shape rules          onnxscript
+canonical_dims         ``seq + past`` and ``past + seq`` spelled alike         llmopt
+rms_normalization      RMSNorm → ``SimplifiedLayerNormalization``              onnxscript
+skip_*_normalization   residual Add + norm → ``Skip(Simplified)LayerNorm``     onnxscript
+rotary_embedding       rotate-half → ``RotaryEmbedding``                       onnxscript
+cos_sin_cache          cos/sin of the angles → shared cache initializers       onnxscript
+partial_rotary_...     rotary over part of the head (Phi)                      onnxscript
+sdpa                   MatMul/Softmax/mask chain → SDPA (internal)             onnxscript
+gqa                    SDPA with grouped K/V + rotary → ``GroupQueryAttention``  onnxscript
+gqa_seqlens_from_mask  GQA's sequence lengths from ``attention_mask``          llmopt
+pack_qkv               three Q/K/V MatMuls → one packed MatMul                 llmopt
+packed_qkv_for_gqa     Slices of a packed QKV (Phi-3) → packed GQA input       onnxscript
+mha*, attention        SDPA → ``MultiHeadAttention`` (+ bias, scale, past)     onnxscript
+gelu, bias_gelu        tanh/erf GELU → ``FastGelu`` / ``Gelu`` / ``BiasGelu``  onnxscript
+silu                   ``x·Sigmoid(x)`` → ``QuickGelu(alpha=1)``               llmopt
+=====================  ======================================================  ==========
+
+The onnxscript rule sets are the ones its ``optimize_for_ort`` runs, reused as they are, in its
+order; llmopt runs them itself so that options can select groups (``fuse{attention=mha}``), every
+stage counts, and ``--explain fuse`` can say, for a rule that fired zero times, the best partial
+match and the check that failed (onnxscript's ``MatchingTracer``).
 
 Known limit of the fused attention (ORT's ``GroupQueryAttention``): sequence lengths come from
 the sum of ``attention_mask`` (right padding), and a step with several new tokens *and* past
 context must have batch 1 — which is how generation loops run prefill and decode.
-
-Counters are the number of matches per rule; ``modified`` compares the graph's node structure
-before and after, so it is exact even when no rule fires but the preparatory optimizations
-changed something.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
-import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
+import onnx_ir.passes.common as common_passes
+from onnxscript.optimizer import optimize
+from onnxscript.rewriter import MatchingTracer, MatchStatus, pattern
+from onnxscript.rewriter.ort_fusions import (
+    ORT_PATTERN_REWRITE_RULES,
+    bias_gelu,
+    cos_sin_cache,
+    erfgelu,
+    gelu,
+    gqa,
+    gqa_packed_qkv,
+    mha,
+    mha_bias,
+    mha_scale,
+    rms_normalization,
+    rotary_embedding,
+    sdpa,
+    sdpa_via_mha,
+    shape_optimization,
+    skip_normalization,
+)
 
-from llmopt import ir as irx
 from llmopt.pass_base import Pass, option
 from llmopt.registry import register_pass
+from llmopt.passes import fuse_rules as ours
+
+ATTENTION_MODES = ("auto", "gqa", "mha", "none")
+FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate ops (SDPA, ...), not runnable
 
 
 @dataclasses.dataclass(frozen=True)
 class FuseOptions:
+    norm: bool = option(True, "RMSNorm / LayerNorm and their residual (skip) forms")
+    rotary: bool = option(True, "rotary embeddings and their cos/sin caches")
+    attention: str = option("auto", "auto (GroupQueryAttention where it matches, else MultiHeadAttention) | gqa | mha | none")
+    pack_qkv: bool = option(True, "pack the Q/K/V projections feeding GroupQueryAttention into one MatMul")
+    gelu: bool = option(True, "GELU forms → Gelu / FastGelu / BiasGelu")
+    silu: bool = option(False, "x·Sigmoid(x) → QuickGelu(alpha=1) (off: measured no faster on CPU, docs/benchmarks.md)")
     clear_metadata: bool = option(False, "drop node metadata and doc strings (exporter stack traces)")
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_MODES:
+            from llmopt.errors import PipelineError
+
+            raise PipelineError(f"fuse: attention={self.attention!r} is not one of {', '.join(ATTENTION_MODES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One named step: a rule set (counted, explainable) or a function returning a count."""
+
+    name: str
+    rules: pattern.RewriteRuleSet | None = None
+    func: Callable[[ir.Model], int] | None = None
+    enabled: Callable[[FuseOptions], bool] = lambda o: True
+    shape_inference: bool = False  # re-infer shapes after it fired (rules that add nodes)
+    group: str = ""  # "attention": the stages run as one transaction (see Fuse.run)
+
+
+def _rules(*rules) -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet(list(rules))
+
+
+def _prepare(model: ir.Model) -> int:
+    """onnxscript's pre-fusion optimization: shape inference, folding, shape rules."""
+    common_passes.ShapeInferencePass()(model)
+    optimize(model)
+    shape_optimization.rules.apply_to_model(model)
+    optimize(model)
+    return 0
+
+
+def _cse(model: ir.Model) -> int:
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    return 0
+
+
+_attn = lambda *modes: (lambda o: o.attention in modes)  # noqa: E731
+
+STAGES: tuple[Stage, ...] = (
+    Stage("gemm_to_matmul", func=ours.gemm_to_matmul),
+    Stage("rotary_angles", _rules(ours.RotaryAngles.rule()), enabled=lambda o: o.rotary),
+    Stage("identity_reshape", _rules(ours.IdentityReshape.rule())),
+    Stage("flattened_linear", _rules(*(ours.FlattenedLinear.rule(b, "reshape") for b in (True, False)))),
+    Stage("prepare", func=_prepare),
+    Stage("canonical_dims", func=ours.canonical_dims),
+    Stage("erf_gelu", erfgelu.rules, enabled=lambda o: o.gelu),
+    Stage("rms_normalization", rms_normalization.rms_normalization_ruleset, enabled=lambda o: o.norm),
+    Stage("skip_layer_normalization", skip_normalization.skip_layer_normalization_ruleset, enabled=lambda o: o.norm),
+    Stage("skip_rms_normalization", skip_normalization.skip_rms_normalization_ruleset, enabled=lambda o: o.norm),
+    Stage("rotary_embedding", rotary_embedding.rotary_embedding_rules, enabled=lambda o: o.rotary),
+    Stage("cos_sin_cache", cos_sin_cache.cos_sin_cache_rules, enabled=lambda o: o.rotary),
+    Stage("cse", func=_cse),
+    Stage("partial_rotary_embedding", rotary_embedding.partial_embedding_rules, enabled=lambda o: o.rotary),
+    Stage("sdpa", sdpa.sdpa_rules, enabled=_attn("auto", "gqa", "mha"), shape_inference=True, group="attention"),
+    Stage("canonical_dims_after_sdpa", func=ours.canonical_dims, enabled=_attn("auto", "gqa", "mha"), group="attention"),
+    Stage("gqa", gqa.gqa_rules, enabled=_attn("auto", "gqa"), group="attention"),
+    Stage("gqa_seqlens_from_mask", func=ours.gqa_seqlens_from_mask, enabled=_attn("auto", "gqa"), group="attention"),
+    Stage("pack_qkv", _rules(*(ours.PackQKV.rule(b, p) for b in (False, True) for p in (True, False))),
+          enabled=lambda o: o.pack_qkv and o.attention in ("auto", "gqa"), group="attention"),
+    Stage("packed_qkv_for_gqa", gqa_packed_qkv.fuse_qkv_gqa_rules, enabled=_attn("auto", "gqa"), group="attention"),
+    Stage("sliced_qkv", _rules(ours.SlicedQKV.rule(True), ours.SlicedQKV.rule(False)), enabled=_attn("auto", "gqa"), group="attention"),
+    Stage("mha1", mha.mha_rules_with_past, enabled=_attn("auto", "mha"), group="attention"),
+    Stage("mha2", mha.mha_rules_no_past, enabled=_attn("auto", "mha"), group="attention"),
+    Stage("mha_scale", mha_scale._mha_scale_rules, enabled=_attn("auto", "mha"), group="attention"),
+    Stage("mha_bias", mha_bias.mha_bias_rules, enabled=_attn("auto", "mha"), group="attention"),
+    Stage("sdpa_via_mha", sdpa_via_mha._rules, enabled=_attn("auto", "mha"), group="attention"),
+    Stage("flattened_linear_after_mha", _rules(*(ours.FlattenedLinear.rule(b, "mha") for b in (True, False))),
+          enabled=_attn("auto", "mha"), group="attention"),
+    Stage("gelu", gelu.gelu_rules, enabled=lambda o: o.gelu),
+    Stage("gelu_half_first", _rules(ours.GeluTanhHalfFirst.rule()), enabled=lambda o: o.gelu),
+    Stage("fast_gelu_bias", _rules(ours.FastGeluBias.rule()), enabled=lambda o: o.gelu),
+    Stage("bias_gelu", bias_gelu.bias_gelu_rules, enabled=lambda o: o.gelu),
+    Stage("silu", pattern.RewriteRuleSet([ours.SiluAsQuickGelu.rule()], commute=True), enabled=lambda o: o.silu),
+)
+
+# Stages that are plumbing, not fusions: never counted or explained.
+_PLUMBING = {"prepare", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
 
 
 def _structure(model: ir.Model) -> tuple:
@@ -58,94 +177,28 @@ def _structure(model: ir.Model) -> tuple:
     )
 
 
-def _gemm_to_matmul(model: ir.Model) -> int:
-    """Gemm(A, B, C) → MatMul(A, B') + C, so the rules (and later the rank of A) are free.
-
-    onnxscript's own Gemm rewrite only covers some forms, and its shape optimizations can then
-    drop the 2-D Reshape around a Gemm that GPT-2's export has, which ONNX Runtime refuses.
-    """
-    graph = model.graph
-    n = 0
-    for node in list(graph):
-        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+def explain_rules(model: ir.Model, rules: pattern.RewriteRuleSet) -> list[dict]:
+    """For each rule of a set, its best partial match on ``model`` (nothing is rewritten)."""
+    tracer = MatchingTracer()
+    rules.apply_to_model(model, tracer=tracer)
+    out = []
+    for i, rule in enumerate(rules.rules):
+        name = rule.name or f"{type(rule).__name__}#{i}"
+        best = tracer.best_matches_map.get(rule) or []
+        if not best:
+            out.append({"rule": name, "status": "no partial match", "reason": "no node matched the pattern's root"})
             continue
-        attrs = {k: v.value for k, v in node.attributes.items()}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            continue
-        a, b = node.inputs[0], node.inputs[1]
-        new_nodes = []
-        if attrs.get("transB", 0):
-            t = ir.node("Transpose", [b], attributes={"perm": [1, 0]}, name=f"{node.name}_transB")
-            new_nodes.append(t)
-            b = t.outputs[0]
-        mm = ir.node("MatMul", [a, b], name=f"{node.name}_matmul")
-        new_nodes.append(mm)
-        result = mm.outputs[0]
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            add = ir.node("Add", [result, node.inputs[2]], name=f"{node.name}_bias")
-            new_nodes.append(add)
-            result = add.outputs[0]
-        old = node.outputs[0]
-        result.shape, result.type = old.shape, old.type
-        graph.insert_before(node, new_nodes)
-        irx.replace_value(old, result)
-        graph.remove(node, safe=True)
-        n += 1
-    return n
-
-
-class RotaryAnglesAsMatMul(pattern.RewriteRuleClassBase):
-    """``Mul(Cast(Unsqueeze(pos, [-1])), inv_freq[E])`` → ``Transpose(MatMul(inv_freq[1,E,1], Cast(Unsqueeze(pos, [1]))), [0,2,1])``."""
-
-    def pattern(self, op, position_ids, axes, inv_freq):
-        return op.Mul(op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT), inv_freq)
-
-    def check(self, context, position_ids, axes, inv_freq, **_):
-        result = pattern.MatchResult()
-        if inv_freq.const_value is None or len(inv_freq.const_value.shape) != 1:
-            return result.fail("inv_freq is not a constant 1-D tensor", inv_freq)
-        if position_ids.shape is None or len(position_ids.shape) != 2:
-            return result.fail("position_ids is not 2-D", position_ids)
-        if axes.const_value is None or [int(a) for a in axes.const_value.numpy().reshape(-1)] not in ([-1], [2]):
-            return result.fail("Unsqueeze does not append the last axis", axes)
-        return result
-
-    def rewrite(self, op, position_ids, axes, inv_freq):
-        inv = inv_freq.const_value.numpy().astype(np.float32).reshape(1, -1, 1)
-        pos = op.Cast(op.Unsqueeze(position_ids, op.Constant(value_ints=[1])), to=ir.DataType.FLOAT)
-        return op.Transpose(op.MatMul(op.Constant(value=ir.tensor(inv)), pos), perm=[0, 2, 1])
-
-
-class IdentityReshape(pattern.RewriteRuleClassBase):
-    """``Reshape(x, shape)`` whose output has the same (symbolic) shape as ``x`` → ``x``.
-
-    Phi-3's export reshapes the attention output to the shape it already has, which hides the
-    SDPA → Transpose → Reshape chain the attention fusions look for.
-    """
-
-    def pattern(self, op, x, shape):
-        return op.Reshape(x, shape, _outputs=["y"])
-
-    def check(self, context, x, y, **_):
-        result = pattern.MatchResult()
-        if x.shape is None or y.shape is None or len(x.shape) != len(y.shape):
-            return result.fail("shapes unknown or of different rank", [x, y])
-        for a, b in zip(x.shape, y.shape):
-            if not (isinstance(a, int) and a == b) and not (
-                isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a.value == b.value
-            ):
-                return result.fail(f"dims {a} and {b} are not provably equal", [x, y])
-        return result
-
-    def rewrite(self, op, x, **_):
-        return op.Identity(x)
-
-
-# Our canonicalization rules, by counter name, applied in order before onnxscript's fusions.
-_CANONICALIZE = {
-    "rotary_angles": pattern.RewriteRuleSet([RotaryAnglesAsMatMul.rule()]),
-    "identity_reshape": pattern.RewriteRuleSet([IdentityReshape.rule()]),
-}
+        info = best[0]
+        where = [getattr(x, "name", None) for x in info.match_result.failure_nodes_and_values][:3]
+        out.append({
+            "rule": name,
+            "status": info.status.name.lower().replace("_", " "),
+            "reason": info.match_result.reason or ("matched" if info.status == MatchStatus.SUCCESS else "no reason given"),
+            "at": info.root_node.name,
+            "matched_nodes": len(info.match_result.nodes),
+            "near": [w for w in where if w],
+        })
+    return out
 
 
 @register_pass
@@ -155,20 +208,55 @@ class Fuse(Pass):
     Options = FuseOptions
 
     def run(self, model: ir.Model) -> bool:
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
         before = _structure(model)
-        gemms = _gemm_to_matmul(model)
-        if gemms:
-            self.count("gemm_to_matmul", gemms)
-        for rule_name, rules in _CANONICALIZE.items():
-            matched = rules.apply_to_model(model)
-            if matched:
-                self.count(rule_name, matched)
-        result, counts = optimize_for_ort(model, clear_metadata=self.options.clear_metadata)
-        if result is not model:  # the pass contract is in place; onnxscript keeps the object today
-            raise RuntimeError("onnxscript's optimize_for_ort returned a new model object")
-        for rule, n in counts.items():
-            if n:
-                self.count(rule, n)
+        snapshot = None
+        for i, stage in enumerate(STAGES):
+            if stage.group == "attention" and snapshot is None:
+                snapshot, counted = model.clone(), dict(self.counters)  # tensors are shared, not copied
+            if stage.group != "attention" and snapshot is not None:
+                self._commit_or_roll_back(model, snapshot, counted)
+                snapshot = False  # the transaction is over
+            if not stage.enabled(self.options):
+                continue
+            if stage.func is not None:
+                n = stage.func(model)
+            else:
+                n = stage.rules.apply_to_model(model)
+                if n and stage.shape_inference:
+                    common_passes.ShapeInferencePass()(model)
+                if not n and self.explain:
+                    for entry in explain_rules(model, stage.rules):
+                        self.explain_why(stage=stage.name, **entry)
+            if n and stage.name not in _PLUMBING:
+                self.count(stage.name, n)
+        if snapshot:
+            self._commit_or_roll_back(model, snapshot, counted)
+        optimize(model)  # inline fusion helpers no rule consumed; drop dead nodes
+        pattern.RewriteRuleSet(ORT_PATTERN_REWRITE_RULES).apply_to_model(model)
+        ir.passes.Sequential(
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+            common_passes.RemoveInitializersFromInputsPass(),
+            common_passes.ShapeInferencePass(),
+        )(model)
+        if self.options.clear_metadata:
+            common_passes.ClearMetadataAndDocStringPass()(model)
         return _structure(model) != before
+
+    def _commit_or_roll_back(self, model: ir.Model, snapshot: ir.Model, counted: dict[str, int]) -> None:
+        """Attention fuses in two steps (subgraph → internal SDPA → a kernel). An SDPA that no kernel
+        rule took (e.g. ``attention=gqa`` on a model without rotary) cannot run, so the attention
+        stages are undone as a whole and the attention left as exported: fail safe."""
+        stuck = [n.name for n in model.graph if n.domain == FUSION_DOMAIN]
+        if not stuck:
+            return
+        model.graph = snapshot.graph
+        model.functions.clear()
+        model.functions.update(snapshot.functions)
+        self.counters.clear()
+        self.counters.update(counted)
+        self.count("attention_left_unfused", len(stuck))
+        if self.explain:
+            self.explain_why(stage="attention", rule="attention", status="rolled back",
+                             reason=f"{len(stuck)} attention subgraph(s) matched SDPA but no kernel rule enabled by "
+                                    f"attention={self.options.attention} took them; attention left as exported",
+                             at=stuck[0], matched_nodes=0, near=stuck[1:3])
