@@ -142,6 +142,56 @@ def inspect(
     print(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 
+@app.command()
+def generate(
+    artifact: Path = typer.Argument(..., help="a compiled artifact (directory) or an .onnx file with KV-cache I/O"),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="prompt text (repeat for a batch; needs the artifact's tokenizer)"),
+    prompt_ids: list[str] = typer.Option([], "--prompt-ids", help="comma-separated token ids (repeat for a batch)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+    greedy: bool = typer.Option(True, "--greedy/--sample", help="argmax, or sample with --temperature/--top-k/--top-p"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    as_json: bool = typer.Option(False, "--json", help="print tokens, text and timings as JSON"),
+):
+    """Generate text with a compiled decoder (KV cache kept in ONNX Runtime between steps)."""
+    from llmopt.generate_cli import run_generate
+
+    run_generate(artifact, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_k, top_p, seed, threads, as_json)
+
+
+@app.command()
+def bench(
+    artifact: Path = typer.Argument(..., help="a compiled artifact (directory) or an .onnx file with KV-cache I/O"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="a model or artifact to measure alternately (an uncompiled .onnx runs in a naive loop)"),
+    prompt_len: int = typer.Option(128, "--prompt-len"),
+    new_tokens: int = typer.Option(100, "--new-tokens"),
+    batch: str = typer.Option("1", "--batch", help="batch sizes, e.g. 1,4,8"),
+    repeats: int = typer.Option(3, "--repeats"),
+    threads: int = typer.Option(2, "--threads"),
+    as_json: bool = typer.Option(False, "--json"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write latency per token vs position (needs matplotlib)"),
+):
+    """Load time, prefill and decode tokens/s, ms/token p50/p90, KV-cache bytes, peak RSS, roofline."""
+    from llmopt.bench import BenchSettings, benchmark, format_bench, plot_steps, progress_bar
+
+    try:
+        sizes = tuple(int(b) for b in batch.split(","))
+    except ValueError:
+        raise LlmoptError(f"--batch '{batch}' is not comma-separated integers (e.g. 1,4,8)") from None
+    settings = BenchSettings(prompt_len=prompt_len, new_tokens=new_tokens, batches=sizes, repeats=repeats, threads=threads)
+    if plot is not None:
+        plot_steps(None, plot)  # fail before measuring if matplotlib is missing
+    report = benchmark(artifact, baseline, settings, progress=None if as_json else progress_bar())
+    if not as_json:
+        print(file=sys.stderr)
+    if plot is not None:
+        plot_steps(report, plot)
+    print(json.dumps(report, indent=2) if as_json else format_bench(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

@@ -176,6 +176,7 @@ class PassManager:
             explanations=list(instance.explanations) if instance.explain else None,
         )
         self._records.append(record)
+        self._warnings.extend(f"{spec.name}: {w}" for w in instance.warnings)
         if self._checker is not None:
             self._checker.check(model, record, index)
         if self.on_end:

@@ -46,6 +46,7 @@ class Pass(ir.passes.InPlacePass):
         self.counters: Counter[str] = Counter()
         self.explain = False  # set by the PassManager for `--explain NAME`
         self.explanations: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
 
     def run(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -53,11 +54,16 @@ class Pass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.counters = Counter()
         self.explanations = []
+        self.warnings = []
         modified = bool(self.run(model))
         return ir.passes.PassResult(model, modified)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] += n
+
+    def warn(self, message: str) -> None:
+        """Something the user should know (the compile report and summary list it); not an error."""
+        self.warnings.append(message)
 
     def explain_why(self, **entry: Any) -> None:
         """Record why something did not happen (a rule that did not fire, and the check that failed).

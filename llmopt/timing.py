@@ -42,9 +42,19 @@ def alternate(run_a, run_b, pairs: int = 20, warmup: int = 3) -> dict[str, float
     }
 
 
+def recompute_feeds(model, context: int = 128, batch: int = 1) -> dict[str, np.ndarray]:
+    """The next token after ``context`` tokens for a model without a cache: all context + 1 tokens."""
+    return verify.sample_inputs(model, verify.SampleShape(batch, context + 1, 0), seed=123)
+
+
 def compare_sessions(sess_a, sess_b, feeds: dict[str, np.ndarray], pairs: int = 20, warmup: int = 3) -> dict[str, float]:
+    return compare_sessions_feeds(sess_a, feeds, sess_b, feeds, pairs, warmup)
+
+
+def compare_sessions_feeds(sess_a, feeds_a, sess_b, feeds_b, pairs: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Like compare_sessions, with each session's own inputs."""
     names_a = [o.name for o in sess_a.get_outputs()]
     names_b = [o.name for o in sess_b.get_outputs()]
-    fa = {i.name: feeds[i.name] for i in sess_a.get_inputs()}
-    fb = {i.name: feeds[i.name] for i in sess_b.get_inputs()}
+    fa = {i.name: feeds_a[i.name] for i in sess_a.get_inputs()}
+    fb = {i.name: feeds_b[i.name] for i in sess_b.get_inputs()}
     return alternate(lambda: sess_a.run(names_a, fa), lambda: sess_b.run(names_b, fb), pairs, warmup)

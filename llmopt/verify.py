@@ -298,8 +298,15 @@ def verify_files(
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
     seed: int = 0,
 ) -> Verification:
-    """Run source and compiled models in ORT on the same samples and compare their logits."""
+    """Run source and compiled models in ORT on the same samples and compare their logits.
+
+    When the source has no KV cache and the compiled model has one (the ``kv-cache`` pass added
+    it), the compiled model decodes incrementally — a prefill, then one token per step — and its
+    logits are compared with the source's over the whole sequence (full recomputation).
+    """
     src_model = irx.load(source)
+    if not has_past_inputs(src_model) and has_past_inputs(irx.load(compiled)):
+        return _verify_incremental(source, compiled, src_model, thresholds, providers, seed)
     shapes = default_shapes(has_past_inputs(src_model))
     feeds = [sample_inputs(src_model, sh, seed + i) for i, sh in enumerate(shapes)]
     del src_model
@@ -322,3 +329,40 @@ def verify_files(
                 f"the compiled model fails on a sample the source runs ({dataclasses.asdict(shape)}): {first_line(exc)}"
             ) from None
     return Verification(worst(figs), thresholds, [dataclasses.asdict(s) for s in shapes], providers[0])
+
+
+def _verify_incremental(source, compiled, src_model, thresholds: Thresholds, providers, seed: int,
+                        batch: int = 2, prefill: int = 8, steps: int = 4) -> Verification:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size(src_model), size=(batch, prefill + steps)).astype(np.int64)
+    del src_model
+    ref_sess = make_session(irx.resolve_model_file(source))
+    full = run(ref_sess, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                          "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()})
+    key = logits_name(full)
+    del ref_sess
+    try:
+        sess = make_session(irx.resolve_model_file(compiled), providers)
+    except Exception as exc:
+        raise VerificationError(
+            f"ONNX Runtime ({providers[0]}) cannot load the compiled model: {first_line(exc)}; "
+            "rerun with --verify-each to name the pass that broke it"
+        ) from None
+    pasts = [i for i in sess.get_inputs() if _is_past(i.name)]
+    feeds = {p.name: np.zeros((batch, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts}
+    figs, start = [], 0
+    for length in [prefill] + [1] * steps:
+        end = start + length
+        feeds.update(input_ids=ids[:, start:end], attention_mask=np.ones((batch, end), np.int64),
+                     position_ids=np.broadcast_to(np.arange(start, end), (batch, length)).copy())
+        try:
+            out = run(sess, feeds)
+        except Exception as exc:
+            raise VerificationError(f"the compiled model fails on an incremental decoding step "
+                                    f"(tokens {start}..{end - 1}): {first_line(exc)}") from None
+        figs.append(compare({key: full[key][:, start:end]}, {key: out[key]}))
+        feeds.update({name.replace("present", "past_key_values"): v for name, v in out.items() if name.startswith("present")})
+        start = end
+    samples = [{"batch": batch, "prefill": prefill, "decode_steps": steps, "reference": "full recomputation"}]
+    return Verification(worst(figs), thresholds, samples, providers[0])
+

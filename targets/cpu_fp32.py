@@ -9,7 +9,7 @@ CPU_FP32 = register_target(
         name="cpu-fp32",
         description="fp32 graph optimized for the ONNX Runtime CPU execution provider",
         provider="CPUExecutionProvider",
-        pipeline="fold,cleanup,fuse,cleanup",
+        pipeline="fold,cleanup,fuse,kv-cache,cleanup",
         thresholds=Thresholds(max_abs=1e-3, min_cosine=0.99999),
         session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     )
