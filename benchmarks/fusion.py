@@ -111,15 +111,17 @@ def speed(work: Path, pairs: int) -> dict:
     ort_dir = work / "llama50m-ort"
     ort_dir.mkdir()
     ort_fuse(src, ort_dir / "model.onnx", "llama", size="50m")
+    silu = llmopt.compile(src, target="cpu-fp32", out=work / "llama50m-fp32-silu", measure_speed=False,
+                          passes="fold,cleanup,fuse{silu=true},kv-cache,cleanup")
     out = subprocess.run([sys.executable, __file__, "--time", str(src), str(ort_dir / "model.onnx"), str(art.model_path),
-                          "--pairs", str(pairs)], capture_output=True, text=True, check=True)
+                          str(silu.model_path), "--pairs", str(pairs)], capture_output=True, text=True, check=True)
     timings = json.loads(out.stdout.strip().splitlines()[-1])
     nodes = {"export": irx.node_count(llmopt.load(src)), "onnxruntime": irx.node_count(llmopt.load(ort_dir / "model.onnx")),
              "llmopt": art.report["artifact"]["nodes"]}
     return {"timings": timings, "nodes": nodes, "verification": art.report["verification"]["figures"], "pairs": pairs}
 
 
-def time_models(src: str, ort_path: str, ours: str, pairs: int) -> None:
+def time_models(src: str, ort_path: str, ours: str, silu: str, pairs: int) -> None:
     """Child process: llmopt's artifact against each other model, prefill and decode; prints JSON."""
     from llmopt import timing
 
@@ -128,7 +130,7 @@ def time_models(src: str, ort_path: str, ours: str, pairs: int) -> None:
              "1 token after 128": verify.sample_inputs(model, verify.SampleShape(1, 1, 128), seed=7)}
     mine = verify.make_session(ours, threads=2)
     results = {}
-    for label, other in (("export", src), ("onnxruntime", ort_path)):
+    for label, other in (("export", src), ("onnxruntime", ort_path), ("llmopt fuse{silu=true} (QuickGelu)", silu)):
         sess = verify.make_session(other, threads=2)
         for step, feeds in steps.items():
             results[f"{label} | {step}"] = timing.compare_sessions(sess, mine, feeds, pairs=pairs, warmup=5)
@@ -143,7 +145,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=40)
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--speed-only", action="store_true", help="skip the coverage table")
-    ap.add_argument("--time", nargs=3, metavar=("SOURCE", "ORT", "LLMOPT"), help=argparse.SUPPRESS)
+    ap.add_argument("--time", nargs=4, metavar=("SOURCE", "ORT", "LLMOPT", "SILU"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time:
         return time_models(*args.time, args.pairs)

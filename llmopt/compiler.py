@@ -22,6 +22,7 @@ from llmopt import __version__
 from llmopt import ir as irx
 from llmopt import verify
 from llmopt import genai
+from llmopt.calibration import SOURCE_DIR_KEY
 from llmopt.errors import InputError, OutputError, PipelineError, VerificationError
 from llmopt.inspector import kv_cache_info
 from llmopt.manager import PassManager
@@ -195,7 +196,16 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
         pipeline, verify_each=verify_each, thresholds=tgt.thresholds, on_start=on_start, on_end=on_end,
         source=str(model_arg), explain=explain,
     )
-    result = manager.run(ir_model)
+    ir_model.metadata_props[SOURCE_DIR_KEY] = str(hf_dir if hf_dir is not None else Path(src_file).parent)
+    try:
+        result = manager.run(ir_model)
+    finally:
+        ir_model.metadata_props.pop(SOURCE_DIR_KEY, None)  # a local path: not part of the artifact
+    unsupported = tgt.unsupported_ops(result.model)
+    if unsupported:
+        raise VerificationError(
+            f"the compiled graph holds ops {tgt.provider} does not implement: {', '.join(unsupported)}; "
+            f"nothing was written (they would run on the CPU provider, copying data every step)", None)
 
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ class FuseOptions:
     attention: str = option("auto", "auto (GroupQueryAttention where it matches, else MultiHeadAttention) | gqa | mha | none")
     pack_qkv: bool = option(True, "pack the Q/K/V projections feeding GroupQueryAttention into one MatMul")
     gelu: bool = option(True, "GELU forms → Gelu / FastGelu / BiasGelu")
-    silu: bool = option(False, "x·Sigmoid(x) → QuickGelu(alpha=1) (off: measured no faster on CPU, docs/benchmarks.md)")
+    silu: bool = option(False, "x·Sigmoid(x) → QuickGelu(alpha=1) (off: no measurable gain on CPU, docs/benchmarks.md)")
     clear_metadata: bool = option(False, "drop node metadata and doc strings (exporter stack traces)")
 
     def __post_init__(self):

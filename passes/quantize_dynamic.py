@@ -179,7 +179,7 @@ class QuantizeDynamic(Pass):
         w = weight.const_value.numpy().astype(np.float32)  # one tensor, memory-mapped
         if transposed:
             w = w.T
-        k, n = w.shape
+        n = w.shape[1]
         out = node.outputs[0]
         # A bias Add right after a MatMul becomes the fused op's bias input.
         consumer_add = None
@@ -194,27 +194,12 @@ class QuantizeDynamic(Pass):
         if bias is not None and (bias.const_value is None or list(bias.const_value.shape) != [n]):
             self.count("skipped.bias_shape")
             return False
-        base = weight.name or "weight"
-        if self.options.kernel == "nbits":
-            q, scale = quantize_blockwise_u8(w, self.options.block_size)
-            inputs = [a, self._initializer(f"{base}_q8", q), self._initializer(f"{base}_scales", scale * np.float32(alpha))]
-            if bias is not None:
-                inputs += [None, None, bias]  # no zero points (default 128), no g_idx, then the bias
-            new = ir.node(
-                "MatMulNBits", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_q8",
-                attributes={"K": k, "N": n, "bits": 8, "block_size": self.options.block_size,
-                            "accuracy_level": self.options.accuracy_level},
-            )
-        else:
-            q, scale = quantize_symmetric(w, axis=1 if self.options.per_channel else None)
-            scale = (scale.reshape(-1) * np.float32(alpha)).astype(np.float32)
-            inputs = [a, self._initializer(f"{base}_int8", q), self._initializer(f"{base}_scale", scale)]
-            if bias is not None:
-                inputs += [None, bias]  # no zero point (symmetric), then the bias
-            new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_dq")
+        lowered = self._lower(node, a, w, bias, alpha, weight.name or "weight")
+        lowered = lowered if isinstance(lowered, list) else [lowered]
+        new = lowered[-1]
         final_out = consumer_add.outputs[0] if consumer_add is not None else out
         new.outputs[0].shape, new.outputs[0].type = final_out.shape, final_out.type
-        self._graph.insert_before(node, new)
+        self._graph.insert_before(node, lowered)
         replaced = [node] + ([consumer_add] if consumer_add is not None else [])
         irx.replace_value(final_out, new.outputs[0])
         for n in reversed(replaced):
@@ -223,6 +208,27 @@ class QuantizeDynamic(Pass):
         if consumer_add is not None or (bias is not None and node.op_type == "Gemm"):
             self.count("bias_folded")
         return True
+
+    def _lower(self, node: ir.Node, a: ir.Value, w: np.ndarray, bias: ir.Value | None, alpha: float, base: str) -> ir.Node | list[ir.Node]:
+        """The quantized node(s) computing ``a @ (alpha * w) + bias`` (``w`` is [K, N] float32);
+        with a list, the last node gives the result."""
+        k, n = w.shape
+        if self.options.kernel == "nbits":
+            q, scale = quantize_blockwise_u8(w, self.options.block_size)
+            inputs = [a, self._initializer(f"{base}_q8", q), self._initializer(f"{base}_scales", scale * np.float32(alpha))]
+            if bias is not None:
+                inputs += [None, None, bias]  # no zero points (default 128), no g_idx, then the bias
+            return ir.node(
+                "MatMulNBits", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_q8",
+                attributes={"K": k, "N": n, "bits": 8, "block_size": self.options.block_size,
+                            "accuracy_level": self.options.accuracy_level},
+            )
+        q, scale = quantize_symmetric(w, axis=1 if self.options.per_channel else None)
+        scale = (scale.reshape(-1) * np.float32(alpha)).astype(np.float32)
+        inputs = [a, self._initializer(f"{base}_int8", q), self._initializer(f"{base}_scale", scale)]
+        if bias is not None:
+            inputs += [None, bias]  # no zero point (symmetric), then the bias
+        return ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_dq")
 
     def _gather(self, node: ir.Node) -> bool:
         table, ids = node.inputs[0], node.inputs[1]

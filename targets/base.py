@@ -24,6 +24,15 @@ class Target:
     # so CUDA targets can be checked on machines without a GPU).
     verify_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     emits: tuple[str, ...] = ARTIFACT_FILES
+    # (domain, op_type) pairs the provider implements; the compile fails on any other op. None: no check.
+    supported_ops: frozenset[tuple[str, str]] | None = None
+
+    def unsupported_ops(self, model) -> list[str]:
+        """Ops in ``model`` the target's provider does not implement (empty without a list)."""
+        if self.supported_ops is None:
+            return []
+        found = {(n.domain if n.domain != "ai.onnx" else "", n.op_type) for n in model.graph}
+        return sorted(f"{d + '::' if d else ''}{op}" for d, op in found - self.supported_ops)
 
     def parsed_pipeline(self) -> Pipeline:
         return parse(self.pipeline)

@@ -48,4 +48,8 @@ def test_bench_cli(artifact):
 def test_bench_bad_options(artifact, exported):
     assert_clean_error(llmopt_cli("bench", artifact, "--batch", "1,x"), 2, "--batch")
     assert_clean_error(llmopt_cli("bench", artifact, "--new-tokens", "1"), 2, "--new-tokens")
-    assert_clean_error(llmopt_cli("bench", exported("llama", False)), 2, "no KV-cache inputs")
+    assert_clean_error(llmopt_cli("bench", exported("gpt2", False)), 2, "no KV-cache inputs")
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        assert_clean_error(llmopt_cli("bench", artifact, "--plot", "p.png"), 2, "matplotlib")

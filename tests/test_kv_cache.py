@@ -85,6 +85,15 @@ def test_compile_verifies_incremental_decoding_against_recompute(exported, tmp_p
     assert art.report["kv_cache"]["layers"] == 2
 
 
+def test_generation_stops_at_eos(exported, tmp_path):
+    _compile(exported("llama", True), "fold,cleanup,fuse,kv-cache,cleanup", tmp_path / "m.onnx")
+    gen = Generator(tmp_path / "m.onnx")
+    free = gen.generate(PROMPTS, 6).tokens
+    stopped = gen.generate(PROMPTS, 6, eos_token_id=free[0][1]).tokens
+    assert stopped[0] == free[0][:2]  # up to and including EOS
+    assert stopped[1] == free[1][: len(stopped[1])]  # the other row runs until it stops or the batch ends
+
+
 def test_sampling():
     from llmopt.runtime import _choose
 

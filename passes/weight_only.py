@@ -1,0 +1,191 @@
+"""`weight-only`: blockwise int4 / int8 weights, activations stay float; lowered to ``MatMulNBits``.
+
+Every MatMul/Gemm with a constant weight ``W[K, N]`` gets one scale (and, unless ``symmetric``,
+one zero point) per ``block_size`` rows of each output column, and becomes
+``com.microsoft::MatMulNBits`` with ``bits`` 4 or 8 and the target's ``accuracy_level``
+(4: activations quantized to int8 per block at run time, int8 dot products). Embedding tables
+read by ``Gather`` get int8 rows (as in ``quantize-dynamic``).
+
+Two methods choose the integers:
+
+- ``rtn``: round to nearest;
+- ``gptq`` (Frantar et al., 2022): quantizes one input row of ``W`` at a time and spreads its
+  rounding error over the rows not yet quantized, weighted by the inverse of the layer's input
+  Hessian ``H = XᵀX`` (collected by running the model over calibration text, streaming: one K×K
+  matrix per distinct MatMul input). It minimizes the error of the layer's *output* on that
+  data, not of the weights, which is what perplexity sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from llmopt.passes.quantize_dynamic import MS_DOMAIN, QuantizeDynamic
+from llmopt.pass_base import option
+from llmopt.quant_spec import QuantSpec
+from llmopt.registry import register_pass
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyOptions:
+    bits: int = option(4, "4 or 8")
+    block_size: int = option(32, "input rows per scale: 16, 32, 64, 128, ...")
+    symmetric: bool = option(False, "no zero points (the kernel's default zero point is used)")
+    method: Literal["rtn", "gptq", "auto"] = option("rtn", "rtn: round to nearest | gptq: error-minimizing, needs calibration text | auto: gptq when calibration text can be tokenized, else rtn (with a warning)")
+    accuracy_level: int = option(4, "MatMulNBits accuracy_level: 4 = int8 compute, 0 = fp32 compute")
+    calibration: str = option("builtin", "gptq: a text file tokenized with the model's tokenizer, 'builtin' (KJV training chapters), or 'random' (ids, for untrained test models)")
+    samples: int = option(32, "gptq: calibration sequences")
+    seq_len: int = option(128, "gptq: tokens per calibration sequence")
+    damp: float = option(0.01, "gptq: fraction of the mean Hessian diagonal added to its diagonal")
+    gather: bool = option(True, "quantize embedding tables read by Gather (int8 rows)")
+    min_elements: int = option(4096, "leave weights with fewer elements in float")
+    exclude: tuple[str, ...] = option((), "node or weight name patterns to leave in float (fnmatch, ';'-separated)")
+
+    # what quantize-dynamic's shared code reads
+    matmul = True
+    per_channel = True
+    kernel = "nbits"
+
+    def __post_init__(self):
+        from llmopt.errors import PipelineError
+
+        if self.bits not in (4, 8):
+            raise PipelineError(f"weight-only: bits must be 4 or 8, got {self.bits}")
+        if self.method not in ("rtn", "gptq", "auto"):
+            raise PipelineError(f"weight-only: method must be rtn, gptq or auto, got {self.method!r}")
+        if not 0 <= self.accuracy_level <= 4:
+            raise PipelineError(f"weight-only: accuracy_level must be 0..4, got {self.accuracy_level}")
+        self.spec  # validates block_size
+
+    @property
+    def spec(self) -> QuantSpec:
+        dtype = {4: "uint4", 8: "uint8"}[self.bits]
+        return QuantSpec(dtype=dtype, symmetric=self.symmetric, granularity="block", block_size=self.block_size)
+
+
+@register_pass
+class WeightOnly(QuantizeDynamic):
+    name = "weight-only"
+    summary = "Blockwise int4/int8 weights (RTN or GPTQ) lowered to MatMulNBits; activations stay float."
+    Options = WeightOnlyOptions
+
+    def run(self, model: ir.Model) -> bool:
+        from llmopt.errors import InputError
+
+        self._hessians: dict[str, np.ndarray] = {}
+        if self.options.method in ("gptq", "auto"):
+            try:
+                self._calibrate(model)
+            except InputError as exc:
+                if self.options.method == "gptq":
+                    raise
+                self.warn(f"no calibration data ({exc}); rounded to nearest instead of GPTQ")
+        return super().run(model)
+
+    def _calibrate(self, model: ir.Model) -> None:
+        from pathlib import Path
+
+        from llmopt import calibration
+        from llmopt.verify import vocab_size
+
+        inputs = sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
+                         and n.domain in ("", "ai.onnx") and n.inputs[0] is not None and self._constant_weight(n.inputs[1])})
+        source_dir = model.metadata_props.get(calibration.SOURCE_DIR_KEY)
+        batches = calibration.token_batches(self.options.calibration, Path(source_dir) if source_dir else None,
+                                            self.options.seq_len, self.options.samples, vocab_size(model))
+        obs = calibration.collect(model, inputs, batches, lambda _: [calibration.Gram()])
+        self._hessians = {name: o[0].xtx for name, o in obs.items()}
+        self.count("calibration_sequences", len(batches))
+
+    def _lower(self, node: ir.Node, a: ir.Value, w: np.ndarray, bias: ir.Value | None, alpha: float, base: str) -> ir.Node:
+        o = self.options
+        k, n = w.shape
+        h = self._hessians.get(a.name)
+        if h is not None:
+            q, scale, zero = gptq(w, h, o.spec, o.damp)
+            self.count("gptq")
+        else:
+            q, scale, zero = quantize_blocks(w, o.spec)
+            self.count("rtn")
+        packed, zp = pack_nbits(q, zero, o.bits, symmetric=o.symmetric)
+        inputs = [a, self._initializer(f"{base}_q{o.bits}", packed),
+                  self._initializer(f"{base}_scales", (scale * np.float32(alpha)).reshape(-1).astype(np.float32))]
+        if zp is not None:
+            inputs.append(self._initializer(f"{base}_zero_points", zp))
+        if bias is not None:
+            inputs += [None] * (4 - len(inputs)) + [None, bias]  # zero points slot, g_idx, then the bias
+        return ir.node("MatMulNBits", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_q{o.bits}",
+                       attributes={"K": k, "N": n, "bits": o.bits, "block_size": o.block_size,
+                                   "accuracy_level": o.accuracy_level})
+
+
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """``w`` [K, N] → [N, n_blocks, block] (zero-padded along K)."""
+    k, n = w.shape
+    nb = -(-k // block)
+    wt = np.zeros((n, nb * block), dtype=np.float32)
+    wt[:, :k] = w.T
+    return wt.reshape(n, nb, block)
+
+
+def quantize_blocks(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest: integers [N, n_blocks, block], scales and zero points [N, n_blocks]."""
+    b = _blocks(w, spec.block_size)
+    scale, zero = spec.scale_zero_point(b.min(axis=-1), b.max(axis=-1))
+    q = spec.quantize(b, scale[..., None], zero[..., None])
+    return q, scale, zero
+
+
+def gptq(w: np.ndarray, xtx: np.ndarray, spec: QuantSpec, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ over ``w`` [K, N] with input Hessian ``xtx`` [K, K]; block scales set from the
+    error-updated weights when each block starts (the "static groups" off variant)."""
+    k, n = w.shape
+    bs = spec.block_size
+    W = w.T.astype(np.float64).copy()  # [N, K]: rows are output channels, columns input rows of w
+    H = xtx.astype(np.float64).copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper triangular
+    nb = -(-k // bs)
+    q = np.zeros((n, nb * bs), dtype=np.int32)
+    scale = np.ones((n, nb), dtype=np.float32)
+    zero = np.zeros((n, nb), dtype=np.int32)
+    for j0 in range(0, k, bs):
+        j1 = min(j0 + bs, k)
+        b = j0 // bs
+        s, z = spec.scale_zero_point(W[:, j0:j1].min(axis=1), W[:, j0:j1].max(axis=1))
+        scale[:, b], zero[:, b] = s, z
+        for j in range(j0, j1):
+            qj = spec.quantize(W[:, j], s, z)
+            dq = (qj - z) * s.astype(np.float64)
+            q[:, j] = qj
+            err = (W[:, j] - dq) / Hinv[j, j]
+            W[:, j + 1:] -= np.outer(err, Hinv[j, j + 1:])
+    if k % bs:  # padding rows quantize to the zero point
+        q[:, k:] = zero[:, -1:]
+    return q.reshape(n, nb, bs), scale, zero
+
+
+def pack_nbits(q: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """MatMulNBits layout: B uint8 [N, n_blocks, block*bits/8] (low nibble first for 4 bits);
+    zero points uint8 [N, ceil(n_blocks*bits/8)], or None when symmetric (the kernel's default
+    zero point, 2^(bits-1), is what ``QuantSpec`` uses for symmetric unsigned types)."""
+    q = q.astype(np.uint8)
+    if bits == 4:
+        packed = (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
+    else:
+        packed = q
+    if symmetric:
+        return np.ascontiguousarray(packed), None
+    z = zero.astype(np.uint8)
+    if bits == 4:
+        if z.shape[1] % 2:
+            z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
+        z = (z[:, 0::2] & 0x0F) | ((z[:, 1::2] & 0x0F) << 4)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(z)

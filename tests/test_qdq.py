@@ -1,0 +1,35 @@
+"""qdq: calibrated static int8 in QDQ form runs in ORT and keeps the logits; cuda-int8 refuses ops
+the CUDA provider lacks."""
+
+import pytest
+
+import llmopt
+from llmopt import verify
+from llmopt.errors import VerificationError
+
+
+@pytest.mark.parametrize("options", ["", "{activations=uint8,method=percentile}", "{method=entropy,per_channel=false}"])
+def test_qdq_keeps_logits(exported, options):
+    model = llmopt.load(exported("llama", True))
+    feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(verify.default_shapes(True))]
+    before = verify.run_ir_model(model, feeds)
+    opts = options.rstrip("}") + ("," if options else "{") + "calibration=random,samples=4,seq_len=16}"
+    result = llmopt.run_pipeline(model, f"fold,cleanup,fuse,qdq{opts},cleanup")
+    rec = next(r for r in result.records if r.name == "qdq")
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("QuantizeLinear") == rec.counters["activations"] > 0
+    assert ops.count("DequantizeLinear") == rec.counters["activations"] + rec.counters["matmul"]
+    after = verify.run_ir_model(model, feeds)
+    for b, a in zip(before, after):
+        assert verify.compare(b, a).cosine > 0.98  # tiny random model, random calibration ids
+
+
+def test_cuda_int8_checks_ops_on_cpu(exported, tmp_path):
+    src = exported("llama", True)
+    art = llmopt.compile(src, target="cuda-int8", out=tmp_path / "ok", measure_speed=False,
+                         passes="fold,cleanup,fuse,kv-cache,qdq{calibration=random,samples=4,seq_len=16},cleanup")
+    assert art.report["provider"] == "CUDAExecutionProvider" and art.report["verification"]["passed"]
+    with pytest.raises(VerificationError, match="DynamicQuantizeMatMul"):  # a CPU-only kernel
+        llmopt.compile(src, target="cuda-int8", out=tmp_path / "bad", measure_speed=False,
+                       passes="fold,cleanup,fuse,quantize-dynamic{kernel=dynamic},cleanup")
+    assert not (tmp_path / "bad").exists()
