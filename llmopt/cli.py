@@ -134,11 +134,12 @@ def targets(as_json: bool = typer.Option(False, "--json")):
 def inspect(
     model: Path = typer.Argument(..., help="an .onnx file or a directory holding model.onnx"),
     as_json: bool = typer.Option(False, "--json"),
+    sparsity: bool = typer.Option(False, "--sparsity", help="also read the weights and report zeros per tensor"),
 ):
-    """Op histogram, parameters by dtype, I/O signature, KV-cache bytes/token (weights are not read)."""
+    """Op histogram, parameters by dtype, I/O signature, KV-cache bytes/token (weights are not read unless --sparsity)."""
     from llmopt.inspector import format_inspection, inspect_model
 
-    info = inspect_model(model)
+    info = inspect_model(model, sparsity=sparsity)
     print(json.dumps(info, indent=2) if as_json else format_inspection(info))
 
 

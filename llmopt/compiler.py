@@ -239,6 +239,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             "io": irx.io_signature(result.model),
             "kv_cache": kv_cache_info(result.model),
             "generation": generation,
+            "sparsity": json.loads(result.model.metadata_props.get("llmopt.sparsity", "null")),
             "artifact": {
                 "files": files,
                 "bytes": artifact_bytes,

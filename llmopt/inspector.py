@@ -36,8 +36,20 @@ def kv_cache_info(model: ir.Model) -> dict[str, Any] | None:
     }
 
 
-def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
-    """A summary of the model at ``path`` as a JSON-ready dict."""
+def tensor_sparsity(model: ir.Model, min_elements: int = 4096) -> dict[str, float]:
+    """Fraction of exact zeros in every float initializer of ``min_elements`` or more (reads each
+    tensor once, one at a time; memory-mapped weights are not all loaded together)."""
+    out = {}
+    for name, value in model.graph.initializers.items():
+        t = value.const_value
+        if t is None or t.size < min_elements or not t.dtype.is_floating_point():
+            continue
+        out[name] = round(float((t.numpy() == 0).mean()), 6)
+    return out
+
+
+def inspect_model(path: str | os.PathLike, sparsity: bool = False) -> dict[str, Any]:
+    """A summary of the model at ``path`` as a JSON-ready dict; ``sparsity`` reads the weights."""
     file = irx.resolve_model_file(path)
     model = irx.load(file)
     params = irx.parameter_stats(model)
@@ -58,6 +70,7 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         "io": irx.io_signature(model),
         "kv_cache": kv_cache_info(model),
         "metadata": dict(model.metadata_props),
+        "sparsity": tensor_sparsity(model) if sparsity else None,
     }
 
 
@@ -85,6 +98,11 @@ def format_inspection(info: dict[str, Any]) -> str:
         )
     else:
         lines.append("  kv cache: none (no past_key_values inputs)")
+    if info.get("sparsity") is not None:
+        sparse = {k: v for k, v in info["sparsity"].items() if v > 0}
+        lines.append(f"  sparsity: {len(sparse)} of {len(info['sparsity'])} float weights have zeros")
+        for name, frac in sorted(sparse.items()):
+            lines.append(f"    {name:<48} {frac:.2%}")
     lines.append(f"  nodes: {info['nodes']}")
     for op, n in info["ops"].items():
         lines.append(f"    {op:<36} {n}")

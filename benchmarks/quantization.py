@@ -1,0 +1,215 @@
+"""Quantization (issue #5; docs/benchmarks.md, "Quantization").
+
+    python benchmarks/quantization.py [--pairs 40] [--out benchmarks/results/quantization.json]
+
+On the trained reference model and on the ~50M Llama (random init, for speed only):
+
+- llmopt: cpu-int8 (8-bit MatMulNBits, dynamic activations), the static alternative (qdq,
+  percentile-calibrated, int8 embeddings), cpu-int4 (int4 block 32, GPTQ on the builtin calibration
+  text), int4 with round-to-nearest, and the cuda-int8 graph run by the CPU provider;
+- ONNX Runtime's own tools, applied to the same fused fp32 graph (llmopt's cpu-fp32 artifact) so
+  that only the quantization differs: `quantize_dynamic` (int8, per channel), `quantize_static`
+  (QDQ, the same calibration batches, MinMax), `MatMulNBitsQuantizer` (4 bits, block 32).
+
+Perplexity: the reference's whole held-out eval text. Size: model files. Speed: one new token after
+128 cached ones, batch 1, 2 threads, every model run once per round in a fresh process, medians
+over rounds; the ratio is fp32 time / model time, median of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import llmopt  # noqa: E402
+from llmopt import calibration, evaluate, timing, verify  # noqa: E402
+from llmopt import ir as irx  # noqa: E402
+from llmopt.export import export, reference_model_dir  # noqa: E402
+from llmopt.models.architectures import build  # noqa: E402
+
+from _common import RESULTS, machine  # noqa: E402
+
+LLMOPT = {
+    "cpu-int8 (dynamic, MatMulNBits 8-bit)": ("cpu-int8", None),
+    "int8 static QDQ (qdq, percentile)": ("cpu-int8", "fold,cleanup,fuse,kv-cache,qdq{method=percentile,gather=true},cleanup"),
+    "cpu-int4 (block 32, GPTQ)": ("cpu-int4", None),
+    "int4 block 32, round-to-nearest": ("cpu-int4", "fold,cleanup,fuse,kv-cache,weight-only{bits=4,block_size=32,method=rtn},cleanup"),
+    "cuda-int8 graph on the CPU provider": ("cuda-int8", None),
+}
+
+
+def build_models(work: Path, hf: Path, tag: str, calib_source) -> dict[str, Path]:
+    src = export(hf, work / f"{tag}.onnx", with_past=True)
+    models = {"fp32 (export)": src}
+    fp32 = llmopt.compile(hf, target="cpu-fp32", out=work / f"{tag}-fp32", measure_speed=False, eval_tokens=256)
+    for name, (target, passes) in LLMOPT.items():
+        if calib_source != "builtin":  # an untrained model without a tokenizer: calibrate on random ids
+            passes = (passes or llmopt.registry.get_target(target).pipeline).replace("qdq{", "qdq{calibration=random,")
+        t0 = time.perf_counter()
+        art = llmopt.compile(hf, target=target, passes=passes, out=work / f"{tag}-{len(models)}", measure_speed=False,
+                             verify_model=False, eval_tokens=256)
+        print(f"{tag}: {name} compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+        models[f"llmopt {name}"] = art.model_path
+    models.update(ort_tools(work, tag, fp32.model_path, calib_source))
+    return models
+
+
+def ort_tools(work: Path, tag: str, fused: Path, calib_source) -> dict[str, Path]:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = {}
+    d = work / f"{tag}-ort-dynamic" / "model.onnx"
+    d.parent.mkdir()
+    quantize_dynamic(str(fused), str(d), weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=True)
+    out["onnxruntime quantize_dynamic (int8, per channel)"] = d
+
+    model = llmopt.load(fused)
+    batches = calibration.token_batches(calib_source, reference_model_dir(), 128, 16, verify.vocab_size(model))
+    sess_inputs = {i.name: i for i in verify.make_session(fused).get_inputs()}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            ids = next(self.it, None)
+            return None if ids is None else calibration._feeds(sess_inputs, ids)
+
+    s = work / f"{tag}-ort-static" / "model.onnx"
+    s.parent.mkdir()
+    quantize_static(str(fused), str(s), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    use_external_data_format=True)
+    out["onnxruntime quantize_static (QDQ, MinMax)"] = s
+
+    import onnx
+
+    n = work / f"{tag}-ort-nbits" / "model.onnx"
+    n.parent.mkdir()
+    q = MatMulNBitsQuantizer(onnx.load(str(fused)), block_size=32, is_symmetric=False, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(n), use_external_data_format=True)
+    out["onnxruntime MatMulNBitsQuantizer (4 bits, block 32)"] = n
+    return out
+
+
+def size(path: Path) -> int:
+    return irx.files_bytes(irx.model_files(path))
+
+
+def perplexities(models: dict[str, Path]) -> dict[str, float]:
+    ref = reference_model_dir()
+    ids = evaluate.tokenize_file(evaluate.load_tokenizer(ref), ref / "eval.txt")
+    out = {}
+    for name, path in models.items():
+        out[name] = evaluate.perplexity(verify.make_session(path, threads=2), ids)
+        print(f"ppl {name}: {out[name]['perplexity']:.3f}", flush=True)
+    return out
+
+
+def time_round_robin(paths: list[str], rounds: int) -> None:
+    """Child: one decode step after 128 cached tokens, every model once per round; prints JSON."""
+    sessions, feeds = [], []
+    for p in paths:
+        sessions.append(verify.make_session(p, threads=2))
+        m = llmopt.load(p)
+        f = timing.decode_feeds(m, past=128)
+        feeds.append({i.name: f[i.name] for i in sessions[-1].get_inputs()})
+    for s, f in zip(sessions, feeds):  # warm up
+        for _ in range(5):
+            s.run(None, f)
+    times = [[] for _ in paths]
+    for _ in range(rounds):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[i].append(time.perf_counter() - t0)
+    base = np.array(times[0])
+    print(json.dumps([{"ms": statistics.median(t) * 1e3, "speedup": float(np.median(base / np.array(t)))} for t in times]))
+
+
+def speed(models: dict[str, Path], rounds: int) -> dict[str, dict]:
+    names = list(models)
+    res = subprocess.run([sys.executable, __file__, "--time", *map(str, models.values()), "--pairs", str(rounds)],
+                         capture_output=True, text=True, check=True)
+    return dict(zip(names, json.loads(res.stdout.strip().splitlines()[-1])))
+
+
+KERNEL_VARIANTS = {
+    "int8, block 128 (cpu-int8)": "fold,cleanup,fuse,kv-cache,quantize-dynamic,cleanup",
+    "int4, block 32, zero points (cpu-int4)": "fold,cleanup,fuse,kv-cache,weight-only{bits=4,block_size=32},cleanup",
+    "int4, block 32, symmetric": "fold,cleanup,fuse,kv-cache,weight-only{bits=4,block_size=32,symmetric=true},cleanup",
+    "int4, block 128, zero points": "fold,cleanup,fuse,kv-cache,weight-only{bits=4,block_size=128},cleanup",
+    "int4, block 32, fp32 compute (accuracy_level 0)": "fold,cleanup,fuse,kv-cache,weight-only{bits=4,block_size=32,accuracy_level=0},cleanup",
+    "int8, block 32 (weight-only)": "fold,cleanup,fuse,kv-cache,weight-only{bits=8,block_size=32},cleanup",
+}
+
+
+def kernel_variants(work: Path, rounds: int) -> None:
+    """MatMulNBits variants of the ~50M Llama, round-robin; ratios against the first (cpu-int8)."""
+    hf = build("llama", work / "hf-llama50m", size="50m")
+    paths = [llmopt.compile(hf, target="cpu-int8", passes=p, out=work / f"k{i}", measure_speed=False,
+                            verify_model=False).model_path for i, p in enumerate(KERNEL_VARIANTS.values())]
+    timed = speed(dict(zip(KERNEL_VARIANTS, paths)), rounds)
+    print("\n| MatMulNBits variant | decode ms | speed vs cpu-int8 |\n|---|---|---|")
+    for name, r in timed.items():
+        print(f"| {name} | {r['ms']:.2f} | {r['speedup']:.2f}x |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=40, help="timing rounds")
+    ap.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
+    ap.add_argument("--time", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--speed-only", action="store_true", help="only the 50M Llama speed column (prints a table)")
+    ap.add_argument("--kernel-variants", action="store_true", help="int8 vs int4 MatMulNBits variants on the 50M Llama")
+    args = ap.parse_args()
+    if args.time:
+        return time_round_robin(args.time, args.pairs)
+    result = {"machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="llmopt-quant-") as tmp:
+        work = Path(tmp)
+        if args.kernel_variants:
+            return kernel_variants(work, args.pairs)
+        if args.speed_only:
+            big = build_models(work, build("llama", work / "hf-llama50m", size="50m"), "llama50m", "random")
+            fast = speed(big, args.pairs)
+            print("\n| model | decode ms, 50M Llama | decode speedup vs fp32 |\n|---|---|---|")
+            for name, r in fast.items():
+                print(f"| {name} | {r['ms']:.2f} | {r['speedup']:.2f}x |")
+            return
+        ref = build_models(work, reference_model_dir(), "ref", "builtin")
+        ppl = perplexities(ref)
+        big = build_models(work, build("llama", work / "hf-llama50m", size="50m"), "llama50m", "random")
+        fast = speed(big, args.pairs)
+        base_ppl, base_size = ppl["fp32 (export)"]["perplexity"], size(ref["fp32 (export)"])
+        rows = {}
+        for name in ref:
+            rows[name] = {"size_ratio": size(ref[name]) / base_size, "perplexity": ppl[name]["perplexity"],
+                          "perplexity_change": ppl[name]["perplexity"] / base_ppl - 1,
+                          "size_ratio_50m": size(big[name]) / size(big["fp32 (export)"]),
+                          "decode_ms_50m": fast[name]["ms"], "decode_speedup_50m": fast[name]["speedup"]}
+        result.update(rows=rows, eval_tokens=ppl["fp32 (export)"]["tokens"], rounds=args.pairs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nmachine: {result['machine']}")
+    print(f"\n| model | size vs fp32 (reference / 50M) | perplexity ({result['eval_tokens']} tokens) | vs fp32 | "
+          "decode ms, 50M Llama | decode speedup vs fp32 |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['size_ratio']:.3f} / {r['size_ratio_50m']:.3f} | {r['perplexity']:.3f} | "
+              f"{r['perplexity_change']:+.2%} | {r['decode_ms_50m']:.2f} | {r['decode_speedup_50m']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""`prune`: zero the weights whose removal costs least, or remove whole FFN channels.
+
+Candidates are the constant 2-D weights ``W[K, N]`` of MatMuls (``y = x @ W``: K input channels,
+N outputs) — never embeddings or norms. Scores:
+
+- ``method=magnitude``: ``|W|``;
+- ``method=wanda`` (Sun et al., 2023): ``|W_kn| · ‖X_k‖₂``, the input channel's activation norm
+  over calibration text (streaming, one K-vector per distinct MatMul input).
+
+Patterns:
+
+- ``unstructured``: the lowest-scoring ``sparsity`` fraction is zeroed, per tensor
+  (``scope=layer``; for wanda per output column, as the paper compares) or over all candidate
+  tensors at once (``scope=global``, magnitude);
+- ``N:M`` (``2:4``, ``4:8``): in every group of M consecutive input channels of each output column,
+  exactly N weights stay — the layout sparse tensor cores accelerate. M must divide K;
+- ``structured=ffn-channels`` with ``ratio``: whole intermediate channels of gated MLPs
+  (``down(act(gate(x)) · up(x))``) are removed by slicing ``gate``/``up`` columns and ``down``
+  rows, so the model is genuinely smaller. Channel score: magnitude ``‖gate_j‖·‖up_j‖·‖down_j‖``,
+  wanda ``‖down_j‖ · ‖h_j‖₂`` with ``h`` the MLP's hidden activation.
+
+Unstructured and N:M weights stay dense with zeros (zeros survive later quantization: zero is
+exactly representable). ``exclude`` takes name patterns; ``sparsity`` counters record the zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from llmopt.errors import LlmoptError
+from llmopt.pass_base import Pass, option
+from llmopt.registry import register_pass
+
+SPARSITY_KEY = "llmopt.sparsity"  # per-tensor sparsity, JSON in the model's metadata
+
+
+class PruneError(LlmoptError):
+    """Pruning cannot be done as asked on this model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneOptions:
+    method: str = option("magnitude", "magnitude (|W|) or wanda (|W| · input activation norm, needs calibration)")
+    sparsity: float = option(0.5, "fraction of each tensor's weights to zero, in [0, 1) (unstructured)")
+    scope: str = option("layer", "layer: per tensor | global: one threshold over all tensors (magnitude)")
+    pattern: str = option("unstructured", "unstructured | N:M, e.g. 2:4 or 4:8 (N of every M input channels kept)")
+    structured: str = option("none", "none | ffn-channels (remove whole MLP channels)")
+    ratio: float = option(0.25, "structured: fraction of channels removed")
+    calibration: str = option("builtin", "wanda: a text file, 'builtin' (KJV training chapters) or 'random'")
+    samples: int = option(16, "wanda: calibration sequences")
+    seq_len: int = option(128, "wanda: tokens per calibration sequence")
+    min_elements: int = option(4096, "leave weights with fewer elements alone")
+    exclude: tuple[str, ...] = option((), "node or weight name patterns to leave dense (fnmatch, ';'-separated)")
+
+    def __post_init__(self):
+        from llmopt.errors import PipelineError
+
+        if not 0 <= self.sparsity < 1:
+            raise PipelineError(f"prune: sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0 <= self.ratio < 1:
+            raise PipelineError(f"prune: ratio must be in [0, 1), got {self.ratio}")
+        if self.method not in ("magnitude", "wanda"):
+            raise PipelineError(f"prune: method must be magnitude or wanda, got {self.method!r}")
+        if self.scope not in ("layer", "global"):
+            raise PipelineError(f"prune: scope must be layer or global, got {self.scope!r}")
+        if self.structured not in ("none", "ffn-channels", "heads"):
+            raise PipelineError(f"prune: structured must be none or ffn-channels, got {self.structured!r}")
+        if self.pattern != "unstructured":
+            self.nm  # validates
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        from llmopt.errors import PipelineError
+
+        try:
+            n, m = (int(v) for v in self.pattern.split(":"))
+        except ValueError:
+            raise PipelineError(f"prune: pattern must be unstructured or N:M (e.g. 2:4), got {self.pattern!r}") from None
+        if not 0 < n < m:
+            raise PipelineError(f"prune: pattern {self.pattern} needs 0 < N < M")
+        return n, m
+
+
+@register_pass
+class Prune(Pass):
+    name = "prune"
+    summary = "Magnitude / Wanda pruning: unstructured, N:M, or whole FFN channels."
+    Options = PruneOptions
+
+    def run(self, model: ir.Model) -> bool:
+        o = self.options
+        if o.structured == "heads":
+            raise PruneError("prune{structured=heads} is not implemented yet; use structured=ffn-channels")
+        if o.structured == "ffn-channels":
+            return self._ffn_channels(model)
+        sites = self._candidates(model)
+        if not sites:
+            return False
+        norms = self._activation_norms(model, sorted({n.inputs[0].name for n, _ in sites})) if o.method == "wanda" else {}
+        if o.pattern != "unstructured":
+            n_keep, m = o.nm
+            bad = [w.name for _, w in sites if w.const_value.shape[0] % m]
+            if bad:
+                raise PruneError(f"prune: pattern {o.pattern}: M={m} does not divide the input dimension of {', '.join(bad[:3])}"
+                                 f"{' ...' if len(bad) > 3 else ''}; exclude them or choose another M")
+        threshold = None
+        if o.pattern == "unstructured" and o.scope == "global":
+            threshold = self._global_threshold(sites, norms)
+        report = json.loads(model.metadata_props.get(SPARSITY_KEY, "{}"))
+        for node, w in sites:
+            arr = w.const_value.numpy().astype(np.float32)
+            score = np.abs(arr)
+            if o.method == "wanda":
+                score = score * norms[node.inputs[0].name][:, None]
+            mask = self._mask(score, threshold)
+            pruned = np.where(mask, arr, 0).astype(w.const_value.numpy().dtype)
+            new = ir.Value(name=f"{w.name}_pruned", const_value=ir.tensor(pruned, name=f"{w.name}_pruned"))
+            model.graph.register_initializer(new)
+            node.replace_input_with(1, new)
+            report[new.name] = round(float(1 - mask.mean()), 6)
+            self.count("tensors")
+            self.count("zeros", int((~mask).sum()))
+        for name, value in list(model.graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output():
+                del model.graph.initializers[name]
+        model.metadata_props[SPARSITY_KEY] = json.dumps(report, sort_keys=True)
+        return True
+
+    # ------------------------------------------------------------------ helpers
+    def _excluded(self, *names) -> bool:
+        return any(n and fnmatch.fnmatchcase(n, p) for n in names for p in self.options.exclude)
+
+    def _candidates(self, model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
+        out = []
+        for node in model.graph:
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+                continue
+            w = node.inputs[1]
+            if w is None or w.const_value is None or len(w.const_value.shape) != 2 or len(w.uses()) != 1:
+                continue
+            if w.const_value.size < self.options.min_elements or self._excluded(node.name, w.name):
+                continue
+            out.append((node, w))
+        return out
+
+    def _activation_norms(self, model: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
+        from llmopt import calibration
+        from llmopt.verify import vocab_size
+
+        source_dir = model.metadata_props.get(calibration.SOURCE_DIR_KEY)
+        batches = calibration.token_batches(self.options.calibration, Path(source_dir) if source_dir else None,
+                                            self.options.seq_len, self.options.samples, vocab_size(model))
+        obs = calibration.collect(model, names, batches, lambda _: [calibration.ChannelStats()])
+        return {n: o[0].norm for n, o in obs.items()}
+
+    def _global_threshold(self, sites, norms) -> float:
+        scores = []
+        for node, w in sites:
+            s = np.abs(w.const_value.numpy().astype(np.float32))
+            if self.options.method == "wanda":
+                s = s * norms[node.inputs[0].name][:, None]
+            scores.append(s.reshape(-1))
+        allscores = np.concatenate(scores)
+        k = int(round(self.options.sparsity * allscores.size))
+        return float(np.partition(allscores, k)[k]) if k else -np.inf
+
+    def _mask(self, score: np.ndarray, threshold: float | None) -> np.ndarray:
+        """True where a weight stays."""
+        o = self.options
+        k, n = score.shape
+        if o.pattern != "unstructured":
+            n_keep, m = o.nm
+            groups = score.T.reshape(n, k // m, m)  # per output column, groups of m input channels
+            order = np.argsort(groups, axis=-1)
+            keep = np.zeros_like(groups, dtype=bool)
+            np.put_along_axis(keep, order[..., m - n_keep:], True, axis=-1)
+            return keep.reshape(n, k).T
+        if threshold is not None:
+            return score >= threshold if threshold > -np.inf else np.ones_like(score, dtype=bool)
+        drop = int(round(o.sparsity * (k if o.method == "wanda" else k * n)))
+        if drop == 0:
+            return np.ones_like(score, dtype=bool)
+        if o.method == "wanda":  # per output column
+            order = np.argsort(score, axis=0)
+            keep = np.ones_like(score, dtype=bool)
+            np.put_along_axis(keep, order[:drop], False, axis=0)
+            return keep
+        flat = score.reshape(-1)
+        keep = np.ones(flat.size, dtype=bool)
+        keep[np.argpartition(flat, drop - 1)[:drop]] = False
+        return keep.reshape(score.shape)
+
+    # ------------------------------------------------------------------ structured
+    def _ffn_channels(self, model: ir.Model) -> bool:
+        mlps = _gated_mlps(model)
+        if not mlps:
+            raise PruneError("prune{structured=ffn-channels}: no gated MLP (down(act(gate(x)) * up(x)) with constant "
+                             "weights) found; run 'fuse' first, or the architecture's FFN is not supported")
+        hidden_norms = {}
+        if self.options.method == "wanda":
+            hidden_norms = self._activation_norms(model, [m["down"].inputs[0].name for m in mlps])
+        for m in mlps:
+            g, u, d = (m[k].inputs[1].const_value.numpy().astype(np.float32) for k in ("gate", "up", "down"))
+            width = g.shape[1]
+            if self.options.method == "wanda":
+                score = hidden_norms[m["down"].inputs[0].name] * np.linalg.norm(d, axis=1)
+            else:
+                score = np.linalg.norm(g, axis=0) * np.linalg.norm(u, axis=0) * np.linalg.norm(d, axis=1)
+            drop = int(round(self.options.ratio * width))
+            keep = np.sort(np.argsort(score)[drop:])
+            for key, arr, axis in (("gate", g, 1), ("up", u, 1), ("down", d, 0)):
+                node = m[key]
+                old = node.inputs[1]
+                sliced = np.take(arr, keep, axis=axis).astype(old.const_value.numpy().dtype)
+                new = ir.Value(name=f"{old.name}_ffn{len(keep)}", const_value=ir.tensor(sliced, name=f"{old.name}_ffn{len(keep)}"))
+                model.graph.register_initializer(new)
+                node.replace_input_with(1, new)
+            for v in m["hidden_values"]:  # the shapes downstream of gate/up now end in len(keep)
+                if v.shape is not None and v.shape[-1] == width:
+                    v.shape = ir.Shape([*list(v.shape)[:-1], len(keep)])
+            self.count("mlps")
+            self.count("channels_removed", width - len(keep))
+        for name, value in list(model.graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output():
+                del model.graph.initializers[name]
+        return True
+
+
+def _gated_mlps(model: ir.Model) -> list[dict]:
+    """``down(Mul(act(gate(x)), up(x)))`` with act = x·Sigmoid(x) (SiLU), QuickGelu, Gelu or FastGelu."""
+    found = []
+    for down in model.graph:
+        if down.op_type != "MatMul" or down.inputs[1] is None or down.inputs[1].const_value is None:
+            continue
+        mul = down.inputs[0].producer()
+        if mul is None or mul.op_type != "Mul" or len(down.inputs[0].uses()) != 1:
+            continue
+        for a_idx in (0, 1):
+            act_out, up_out = mul.inputs[a_idx], mul.inputs[1 - a_idx]
+            up = up_out.producer()
+            act = act_out.producer()
+            if up is None or act is None or up.op_type != "MatMul" or up.inputs[1].const_value is None:
+                continue
+            if act.op_type in ("QuickGelu", "Gelu", "FastGelu") and len(act.inputs) == 1:
+                gate_out, extra = act.inputs[0], [act_out]
+            elif act.op_type == "Mul":  # SiLU: g * Sigmoid(g)
+                sig = next((i.producer() for i in act.inputs if i.producer() is not None and i.producer().op_type == "Sigmoid"), None)
+                if sig is None:
+                    continue
+                gate_out, extra = sig.inputs[0], [act_out, sig.outputs[0]]
+                if gate_out not in act.inputs:
+                    continue
+            else:
+                continue
+            gate = gate_out.producer()
+            if gate is None or gate.op_type != "MatMul" or gate.inputs[1].const_value is None or gate.inputs[0] is not up.inputs[0]:
+                continue
+            if any(len(n.inputs[1].uses()) != 1 for n in (gate, up, down)):
+                continue
+            found.append({"gate": gate, "up": up, "down": down,
+                          "hidden_values": [gate_out, up_out, down.inputs[0], *extra]})
+            break
+    return found

@@ -1,0 +1,108 @@
+"""prune: requested sparsity per tensor, exact N:M groups, genuinely smaller FFNs, zeros that
+survive quantization, and clear refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+import llmopt
+from llmopt import verify
+from llmopt.errors import LlmoptError, PipelineError
+from llmopt.passes.prune import SPARSITY_KEY, PruneError
+
+from test_cli import assert_clean_error, llmopt_cli
+
+
+def _fused(exported, arch="llama"):
+    model = llmopt.load(exported(arch, True))
+    llmopt.run_pipeline(model, "fold,cleanup,fuse,cleanup")
+    return model
+
+
+def _pruned_weights(model):
+    return {v.name: v.const_value.numpy() for v in model.graph.initializers.values() if v.name.endswith("_pruned")}
+
+
+@pytest.mark.parametrize("options", ["{sparsity=0.3}", "{sparsity=0.5,method=wanda,calibration=random,samples=2,seq_len=16}",
+                                     "{sparsity=0.5,scope=global}"])
+def test_unstructured_sparsity(exported, options):
+    model = _fused(exported)
+    feeds = [verify.sample_inputs(model, verify.default_shapes(True)[0], 0)]
+    result = llmopt.run_pipeline(model, f"prune{options}")
+    weights = _pruned_weights(model)
+    assert weights and result.records[0].counters["tensors"] == len(weights)
+    target = 0.3 if "0.3" in options else 0.5
+    zeros = {name: float((w == 0).mean()) for name, w in weights.items()}
+    if "global" in options:
+        total = sum((w == 0).sum() for w in weights.values()) / sum(w.size for w in weights.values())
+        assert abs(total - target) < 1e-3
+    else:
+        for name, w in weights.items():
+            assert abs(zeros[name] - target) <= 1 / w.shape[0] + 1e-9, name
+    if "wanda" in options:  # per output column
+        for w in weights.values():
+            assert len(set((w == 0).sum(axis=0).tolist())) == 1
+    recorded = json.loads(model.metadata_props[SPARSITY_KEY])
+    assert recorded == pytest.approx(zeros, abs=1e-6)
+    out = verify.run_ir_model(model, feeds)[0]
+    assert all(np.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_n_m_groups_hold_exactly_n(exported, pattern, method):
+    model = _fused(exported)
+    llmopt.run_pipeline(model, f"prune{{pattern={pattern},method={method},calibration=random,samples=2,seq_len=16}}")
+    n, m = map(int, pattern.split(":"))
+    for name, w in _pruned_weights(model).items():
+        groups = (w != 0).T.reshape(w.shape[1], -1, m).sum(axis=-1)
+        assert (groups == n).all(), name
+
+
+def test_ffn_channels_make_the_model_smaller(exported, tmp_path):
+    src = exported("llama", True)
+    dense = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "dense", measure_speed=False)
+    pruned = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "pruned", measure_speed=False, verify_model=False,
+                            passes="fold,cleanup,fuse,prune{structured=ffn-channels,ratio=0.25},kv-cache,cleanup")
+    rec = next(p for p in pruned.report["passes"] if p["name"] == "prune")
+    assert rec["counters"]["mlps"] == 2 and rec["counters"]["channels_removed"] == 2 * 32  # 25% of 128
+    assert rec["bytes_after"] < rec["bytes_before"]
+    assert pruned.report["artifact"]["bytes"] < dense.report["artifact"]["bytes"]
+    model = llmopt.load(pruned.model_path)
+    feeds = verify.sample_inputs(model, verify.default_shapes(True)[1], 3)
+    out = verify.run(verify.make_session(pruned.model_path), feeds)
+    assert out["logits"].shape[-1] == 512 and np.isfinite(out["logits"]).all()
+
+
+def test_zeros_survive_quantization(exported):
+    model = _fused(exported)
+    llmopt.run_pipeline(model, "prune{sparsity=0.5},qdq{calibration=random,samples=2,seq_len=16}")
+    q = [v.const_value.numpy() for v in model.graph.initializers.values() if v.name.endswith("_pruned_int8")]
+    assert q and all(abs((w == 0).mean() - 0.5) < 0.05 for w in q)
+
+
+def test_bad_requests_refuse(exported, tmp_path):
+    with pytest.raises(PipelineError, match="sparsity"):
+        llmopt.run_pipeline(_fused(exported), "prune{sparsity=1.0}")
+    with pytest.raises(PruneError, match="does not divide"):
+        llmopt.run_pipeline(_fused(exported), "prune{pattern=3:7}")
+    with pytest.raises(LlmoptError, match="no gated MLP"):
+        llmopt.run_pipeline(_fused(exported, "gpt2"), "prune{structured=ffn-channels}")
+    res = llmopt_cli("compile", exported("llama", True), "-o", tmp_path / "x", "--no-speed",
+                     "--passes", "fold,cleanup,fuse,prune{sparsity=-0.1}")
+    assert_clean_error(res, 2, "sparsity")
+    res = llmopt_cli("compile", exported("gpt2", True), "-o", tmp_path / "y", "--no-speed",
+                     "--passes", "fold,cleanup,fuse,prune{structured=ffn-channels}")
+    assert_clean_error(res, 2, "no gated MLP")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_artifact_and_inspect_report_sparsity(exported, tmp_path):
+    art = llmopt.compile(exported("llama", True), target="cpu-fp32", out=tmp_path / "a", measure_speed=False,
+                         verify_model=False, passes="fold,cleanup,fuse,prune{pattern=2:4},kv-cache,cleanup")
+    assert art.report["sparsity"] and all(v == 0.5 for v in art.report["sparsity"].values())
+    res = llmopt_cli("inspect", art.path, "--sparsity", "--json")
+    info = json.loads(res.stdout)
+    assert {k: v for k, v in info["sparsity"].items() if k in art.report["sparsity"]} == art.report["sparsity"]
+    assert "sparsity:" in llmopt_cli("inspect", art.path, "--sparsity").stdout
