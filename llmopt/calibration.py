@@ -165,6 +165,14 @@ def token_batches(source, model_dir: Path | None, seq_len: int = 128, samples: i
     return [ids[i * seq_len:(i + 1) * seq_len].astype(np.int64)[None] for i in range(n)]
 
 
+def model_batches(model: ir.Model, source, seq_len: int, samples: int) -> list[np.ndarray]:
+    """``token_batches`` for ``model``: its vocabulary, and the tokenizer where compile found its source."""
+    from llmopt.verify import vocab_size
+
+    source_dir = model.metadata_props.get(SOURCE_DIR_KEY)
+    return token_batches(source, Path(source_dir) if source_dir else None, seq_len, samples, vocab_size(model))
+
+
 def _tokenizer_dir(model_dir: Path | None, vocab: int | None) -> Path | None:
     if model_dir is not None and (model_dir / "tokenizer.json").is_file():
         return model_dir

@@ -200,3 +200,13 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
     if was_output:
         old.name = None
         new.name = name
+
+
+def drop_unused_initializers(graph: ir.Graph) -> int:
+    """Remove initializers nothing reads (the originals a pass replaced); returns how many."""
+    dead = [name for name, v in graph.initializers.items()
+            if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]
+    for name in dead:
+        del graph.initializers[name]
+    return len(dead)
+

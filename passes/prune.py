@@ -28,12 +28,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from llmopt.errors import LlmoptError
+from llmopt import ir as irx
 from llmopt.pass_base import Pass, option
 from llmopt.registry import register_pass
 
@@ -126,9 +126,7 @@ class Prune(Pass):
             report[new.name] = round(float(1 - mask.mean()), 6)
             self.count("tensors")
             self.count("zeros", int((~mask).sum()))
-        for name, value in list(model.graph.initializers.items()):
-            if not value.uses() and not value.is_graph_output():
-                del model.graph.initializers[name]
+        irx.drop_unused_initializers(model.graph)
         model.metadata_props[SPARSITY_KEY] = json.dumps(report, sort_keys=True)
         return True
 
@@ -151,11 +149,8 @@ class Prune(Pass):
 
     def _activation_norms(self, model: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
         from llmopt import calibration
-        from llmopt.verify import vocab_size
 
-        source_dir = model.metadata_props.get(calibration.SOURCE_DIR_KEY)
-        batches = calibration.token_batches(self.options.calibration, Path(source_dir) if source_dir else None,
-                                            self.options.seq_len, self.options.samples, vocab_size(model))
+        batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
         obs = calibration.collect(model, names, batches, lambda _: [calibration.ChannelStats()])
         return {n: o[0].norm for n, o in obs.items()}
 
@@ -226,9 +221,7 @@ class Prune(Pass):
                     v.shape = ir.Shape([*list(v.shape)[:-1], len(keep)])
             self.count("mlps")
             self.count("channels_removed", width - len(keep))
-        for name, value in list(model.graph.initializers.items()):
-            if not value.uses() and not value.is_graph_output():
-                del model.graph.initializers[name]
+        irx.drop_unused_initializers(model.graph)
         return True
 
 

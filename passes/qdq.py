@@ -69,17 +69,13 @@ class QDQ(QuantizeDynamic):
     Options = QDQOptions
 
     def run(self, model: ir.Model) -> bool:
-        from pathlib import Path
 
         from llmopt import calibration
-        from llmopt.verify import vocab_size
 
         inputs = sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
                          and n.domain in ("", "ai.onnx") and n.inputs[0] is not None
                          and self._constant_weight(n.inputs[1]) and not self._excluded(n.name)})
-        source_dir = model.metadata_props.get(calibration.SOURCE_DIR_KEY)
-        batches = calibration.token_batches(self.options.calibration, Path(source_dir) if source_dir else None,
-                                            self.options.seq_len, self.options.samples, vocab_size(model))
+        batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
         obs = calibration.collect(model, inputs, batches, lambda _: [calibration.Histogram()])
         spec = self.options.activation_spec
         self._ranges = {name: o[0].range(spec.calibration, spec.percentile) for name, o in obs.items()}

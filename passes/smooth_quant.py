@@ -17,11 +17,11 @@ less. Run it before ``qdq``: ``smooth-quant{alpha=0.5},qdq``.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from llmopt import ir as irx
 from llmopt.pass_base import Pass, option
 from llmopt.registry import register_pass
 
@@ -60,7 +60,6 @@ class SmoothQuant(Pass):
 
     def run(self, model: ir.Model) -> bool:
         from llmopt import calibration
-        from llmopt.verify import vocab_size
 
         sites = []
         for node in model.graph:
@@ -78,9 +77,7 @@ class SmoothQuant(Pass):
             sites.append((node, g, users))
         if not sites:
             return False
-        source_dir = model.metadata_props.get(calibration.SOURCE_DIR_KEY)
-        batches = calibration.token_batches(self.options.calibration, Path(source_dir) if source_dir else None,
-                                            self.options.seq_len, self.options.samples, vocab_size(model))
+        batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
         obs = calibration.collect(model, [n.outputs[0].name for n, _, _ in sites], batches, lambda _: [calibration.ChannelStats()])
         a = self.options.alpha
         for node, g, users in sites:
@@ -96,9 +93,7 @@ class SmoothQuant(Pass):
                 user.replace_input_with(1, self._constant(model, f"{w.name}_smoothed", scaled))
             self.count("norms")
             self.count("matmuls", len(users))
-        for name, value in list(model.graph.initializers.items()):
-            if not value.uses() and not value.is_graph_output():
-                del model.graph.initializers[name]
+        irx.drop_unused_initializers(model.graph)
         return True
 
     @staticmethod

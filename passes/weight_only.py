@@ -87,16 +87,12 @@ class WeightOnly(QuantizeDynamic):
         return super().run(model)
 
     def _calibrate(self, model: ir.Model) -> None:
-        from pathlib import Path
 
         from llmopt import calibration
-        from llmopt.verify import vocab_size
 
         inputs = sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
                          and n.domain in ("", "ai.onnx") and n.inputs[0] is not None and self._constant_weight(n.inputs[1])})
-        source_dir = model.metadata_props.get(calibration.SOURCE_DIR_KEY)
-        batches = calibration.token_batches(self.options.calibration, Path(source_dir) if source_dir else None,
-                                            self.options.seq_len, self.options.samples, vocab_size(model))
+        batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
         obs = calibration.collect(model, inputs, batches, lambda _: [calibration.Gram()])
         self._hessians = {name: o[0].xtx for name, o in obs.items()}
         self.count("calibration_sequences", len(batches))

@@ -50,7 +50,6 @@ def test_collect_reads_intermediate_values_without_changing_the_model(exported):
 
 
 def test_token_batch_sources():
-    ref = llmopt.export.reference_model_dir() if hasattr(llmopt, "export") else None
     from llmopt.export import reference_model_dir
 
     ref = reference_model_dir()
