@@ -50,13 +50,14 @@ class PruneOptions:
     sparsity: float = option(0.5, "fraction of each tensor's weights to zero, in [0, 1) (unstructured)")
     scope: str = option("layer", "layer: per tensor | global: one threshold over all tensors (magnitude)")
     pattern: str = option("unstructured", "unstructured | N:M, e.g. 2:4 or 4:8 (N of every M input channels kept)")
-    structured: str = option("none", "none | ffn-channels (remove whole MLP channels)")
+    structured: str = option("none", "none | ffn-channels (remove whole MLP channels) | heads (remove KV heads with their query groups)")
     ratio: float = option(0.25, "structured: fraction of channels removed")
     calibration: str = option("builtin", "wanda: a text file, 'builtin' (KJV training chapters) or 'random'")
     samples: int = option(16, "wanda: calibration sequences")
     seq_len: int = option(128, "wanda: tokens per calibration sequence")
     min_elements: int = option(4096, "leave weights with fewer elements alone")
     exclude: tuple[str, ...] = option((), "node or weight name patterns to leave dense (fnmatch, ';'-separated)")
+    overrides: tuple[str, ...] = option((), "per-layer sparsity, PATTERN:SPARSITY (fnmatch on node or weight name), ';'-separated")
 
     def __post_init__(self):
         from llmopt.errors import PipelineError
@@ -70,9 +71,28 @@ class PruneOptions:
         if self.scope not in ("layer", "global"):
             raise PipelineError(f"prune: scope must be layer or global, got {self.scope!r}")
         if self.structured not in ("none", "ffn-channels", "heads"):
-            raise PipelineError(f"prune: structured must be none or ffn-channels, got {self.structured!r}")
+            raise PipelineError(f"prune: structured must be none, ffn-channels or heads, got {self.structured!r}")
         if self.pattern != "unstructured":
             self.nm  # validates
+        self.override_map  # validates
+
+    @property
+    def override_map(self) -> list[tuple[str, float]]:
+        from llmopt.errors import PipelineError
+
+        out = []
+        for item in self.overrides:
+            pat, sep, value = item.rpartition(":")
+            try:
+                v = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not pat:
+                raise PipelineError(f"prune: override {item!r} is not PATTERN:SPARSITY (e.g. *layers.0.*:0.2)")
+            if not 0 <= v < 1:
+                raise PipelineError(f"prune: override {item!r}: sparsity must be in [0, 1)")
+            out.append((pat, v))
+        return out
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -96,7 +116,7 @@ class Prune(Pass):
     def run(self, model: ir.Model) -> bool:
         o = self.options
         if o.structured == "heads":
-            raise PruneError("prune{structured=heads} is not implemented yet; use structured=ffn-channels")
+            return self._heads(model)
         if o.structured == "ffn-channels":
             return self._ffn_channels(model)
         sites = self._candidates(model)
@@ -118,7 +138,13 @@ class Prune(Pass):
             score = np.abs(arr)
             if o.method == "wanda":
                 score = score * norms[node.inputs[0].name][:, None]
-            mask = self._mask(score, threshold)
+            sparsity = next((v for pat, v in o.override_map if fnmatch.fnmatchcase(node.name or "", pat)
+                             or fnmatch.fnmatchcase(w.name or "", pat)), None)
+            if sparsity is not None and o.pattern == "unstructured":
+                self.count("overridden")
+                mask = self._mask(score, None, sparsity)
+            else:
+                mask = self._mask(score, threshold)
             pruned = np.where(mask, arr, 0).astype(w.const_value.numpy().dtype)
             new = ir.Value(name=f"{w.name}_pruned", const_value=ir.tensor(pruned, name=f"{w.name}_pruned"))
             model.graph.register_initializer(new)
@@ -165,9 +191,10 @@ class Prune(Pass):
         k = int(round(self.options.sparsity * allscores.size))
         return float(np.partition(allscores, k)[k]) if k else -np.inf
 
-    def _mask(self, score: np.ndarray, threshold: float | None) -> np.ndarray:
+    def _mask(self, score: np.ndarray, threshold: float | None, sparsity: float | None = None) -> np.ndarray:
         """True where a weight stays."""
         o = self.options
+        sparsity = o.sparsity if sparsity is None else sparsity
         k, n = score.shape
         if o.pattern != "unstructured":
             n_keep, m = o.nm
@@ -178,7 +205,7 @@ class Prune(Pass):
             return keep.reshape(n, k).T
         if threshold is not None:
             return score >= threshold if threshold > -np.inf else np.ones_like(score, dtype=bool)
-        drop = int(round(o.sparsity * (k if o.method == "wanda" else k * n)))
+        drop = int(round(sparsity * (k if o.method == "wanda" else k * n)))
         if drop == 0:
             return np.ones_like(score, dtype=bool)
         if o.method == "wanda":  # per output column
@@ -223,6 +250,101 @@ class Prune(Pass):
             self.count("channels_removed", width - len(keep))
         irx.drop_unused_initializers(model.graph)
         return True
+
+
+    def _heads(self, model: ir.Model) -> bool:
+        """Remove ``ratio`` of the KV heads of every GroupQueryAttention, with the query heads that share
+        them: columns of the packed QKV projection (and bias), rows of the output projection, the
+        kernel's head counts, and the KV-cache I/O shapes."""
+        sites = [s for s in map(_attention_site, model.graph) if s is not None]
+        if not sites:
+            raise PruneError("prune{structured=heads}: no GroupQueryAttention with a packed QKV projection and a constant "
+                             "output projection found; run 'fuse' (with pack_qkv) first")
+        outs = [s["gqa"].outputs[0].name for s in sites]
+        act = self._activation_norms(model, outs) if self.options.method == "wanda" else {}
+        inputs = {v.name: v for v in model.graph.inputs}
+        for layer, site in enumerate(sites):
+            gqa, h, hkv, hd = site["gqa"], site["heads"], site["kv_heads"], site["head_dim"]
+            group = h // hkv
+            wqkv, wo = site["qkv"].inputs[1].const_value.numpy(), site["out"].inputs[1].const_value.numpy()
+            wo_rows = np.linalg.norm(wo.astype(np.float32).reshape(h, hd, -1), axis=(1, 2))  # per query head
+            if self.options.method == "wanda":
+                per_head = act[gqa.outputs[0].name].reshape(h, hd)
+                head_score = np.linalg.norm(per_head, axis=1) * wo_rows
+            else:
+                q_cols = np.linalg.norm(wqkv[:, : h * hd].astype(np.float32).reshape(-1, h, hd), axis=(0, 2))
+                head_score = q_cols * wo_rows
+            kv_score = head_score.reshape(hkv, group).sum(axis=1)
+            drop = int(round(self.options.ratio * hkv))
+            if drop >= hkv:
+                drop = hkv - 1
+            keep_kv = np.sort(np.argsort(kv_score)[drop:])
+            keep_q = np.concatenate([np.arange(k * group, (k + 1) * group) for k in keep_kv])
+            cols = np.concatenate([
+                (keep_q[:, None] * hd + np.arange(hd)).reshape(-1),
+                h * hd + (keep_kv[:, None] * hd + np.arange(hd)).reshape(-1),
+                (h + hkv) * hd + (keep_kv[:, None] * hd + np.arange(hd)).reshape(-1),
+            ])
+            rows = (keep_q[:, None] * hd + np.arange(hd)).reshape(-1)
+            self._replace(model, site["qkv"], 1, np.take(wqkv, cols, axis=1), "heads")
+            if site["bias_add"] is not None:
+                add, slot = site["bias_add"]
+                self._replace(model, add, slot, np.take(add.inputs[slot].const_value.numpy(), cols, axis=0), "heads")
+            self._replace(model, site["out"], 1, np.take(wo, rows, axis=0), "heads")
+            gqa.attributes["num_heads"] = ir.AttrInt64("num_heads", len(keep_q))
+            gqa.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", len(keep_kv))
+            for v in (site["qkv"].outputs[0], *( [site["bias_add"][0].outputs[0]] if site["bias_add"] else [])):
+                if v.shape is not None:
+                    v.shape = ir.Shape([*list(v.shape)[:-1], len(cols)])
+            if gqa.outputs[0].shape is not None:
+                gqa.outputs[0].shape = ir.Shape([*list(gqa.outputs[0].shape)[:-1], len(rows)])
+            for slot in (3, 4):  # the KV cache of this layer, if the graph has one
+                past = gqa.inputs[slot] if len(gqa.inputs) > slot else None
+                present = gqa.outputs[slot - 2] if len(gqa.outputs) > slot - 2 else None
+                for v in (past, present):
+                    if v is not None and v.shape is not None and len(v.shape) == 4:
+                        v.shape = ir.Shape([v.shape[0], len(keep_kv), v.shape[2], v.shape[3]])
+            self.count("attention_layers")
+            self.count("kv_heads_removed", hkv - len(keep_kv))
+            self.count("query_heads_removed", h - len(keep_q))
+        del inputs
+        irx.drop_unused_initializers(model.graph)
+        if "llmopt.kv_cache" in model.metadata_props:
+            layout = json.loads(model.metadata_props["llmopt.kv_cache"])
+            layout["kv_heads"] = len(keep_kv)
+            model.metadata_props["llmopt.kv_cache"] = json.dumps(layout, sort_keys=True)
+        return True
+
+    def _replace(self, model: ir.Model, node: ir.Node, slot: int, array: np.ndarray, tag: str) -> None:
+        old = node.inputs[slot]
+        name = f"{old.name}_{tag}{array.shape[-1] if array.ndim == 1 else array.shape[0]}x"
+        new = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        model.graph.register_initializer(new)
+        node.replace_input_with(slot, new)
+
+
+def _attention_site(node: ir.Node) -> dict | None:
+    """A GroupQueryAttention fed a packed QKV ``MatMul(x, W) [+ b]`` whose output feeds ``MatMul(., Wo)``."""
+    if node.op_type != "GroupQueryAttention" or node.inputs[1] is not None or node.inputs[0] is None:
+        return None
+    packed, bias_add = node.inputs[0], None
+    prod = packed.producer()
+    if prod is not None and prod.op_type == "Add":
+        slot = next((i for i, v in enumerate(prod.inputs) if v is not None and v.const_value is not None), None)
+        if slot is None:
+            return None
+        bias_add, prod = (prod, slot), prod.inputs[1 - slot].producer()
+    if prod is None or prod.op_type != "MatMul" or prod.inputs[1].const_value is None or len(prod.inputs[1].uses()) != 1:
+        return None
+    users = [u for u, _ in node.outputs[0].uses()]
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[1].const_value is None:
+        return None
+    h, hkv = node.attributes["num_heads"].as_int(), node.attributes["kv_num_heads"].as_int()
+    width = prod.inputs[1].const_value.shape[1]
+    if width % (h + 2 * hkv) or h % hkv:
+        return None
+    return {"gqa": node, "qkv": prod, "bias_add": bias_add, "out": users[0], "heads": h, "kv_heads": hkv,
+            "head_dim": width // (h + 2 * hkv)}
 
 
 def _gated_mlps(model: ir.Model) -> list[dict]:

@@ -89,6 +89,8 @@ def test_bad_requests_refuse(exported, tmp_path):
         llmopt.run_pipeline(_fused(exported), "prune{pattern=3:7}")
     with pytest.raises(LlmoptError, match="no gated MLP"):
         llmopt.run_pipeline(_fused(exported, "gpt2"), "prune{structured=ffn-channels}")
+    with pytest.raises(LlmoptError, match="no GroupQueryAttention"):  # GPT-2's heads sit in MultiHeadAttention
+        llmopt.run_pipeline(_fused(exported, "gpt2"), "prune{structured=heads}")
     res = llmopt_cli("compile", exported("llama", True), "-o", tmp_path / "x", "--no-speed",
                      "--passes", "fold,cleanup,fuse,prune{sparsity=-0.1}")
     assert_clean_error(res, 2, "sparsity")
@@ -106,3 +108,31 @@ def test_artifact_and_inspect_report_sparsity(exported, tmp_path):
     info = json.loads(res.stdout)
     assert {k: v for k, v in info["sparsity"].items() if k in art.report["sparsity"]} == art.report["sparsity"]
     assert "sparsity:" in llmopt_cli("inspect", art.path, "--sparsity").stdout
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a biased QKV projection
+def test_heads_pruning_shrinks_attention_and_the_cache(exported, tmp_path, arch):
+    art = llmopt.compile(exported(arch, True), target="cpu-fp32", out=tmp_path / "a", measure_speed=False,
+                         verify_model=False, passes="fold,cleanup,fuse,prune{structured=heads,ratio=0.5},kv-cache,cleanup")
+    rec = next(p for p in art.report["passes"] if p["name"] == "prune")
+    assert rec["counters"]["kv_heads_removed"] == 2 and rec["counters"]["query_heads_removed"] == 4  # 1 of 2 per layer
+    assert art.report["kv_cache"]["kv_heads"] == 1
+    gqa = [n for n in llmopt.load(art.model_path).graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.attributes["num_heads"].as_int() == 2 and n.attributes["kv_num_heads"].as_int() == 1 for n in gqa)
+    from llmopt.runtime import Generator
+
+    tokens = Generator(art.path).generate([[5, 6, 7, 8]], 5).tokens[0]  # decodes with the smaller cache
+    assert len(tokens) == 5
+
+
+def test_per_layer_overrides(exported):
+    model = _fused(exported)
+    first = next(n.inputs[1].name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+                 and n.inputs[1].const_value.size >= 4096)
+    result = llmopt.run_pipeline(model, f"prune{{sparsity=0.5,overrides={first}:0.2}}")
+    assert result.records[0].counters["overridden"] == 1
+    sparsity = json.loads(model.metadata_props[SPARSITY_KEY])
+    assert sparsity.pop(f"{first}_pruned") == pytest.approx(0.2, abs=1e-3)
+    assert all(v == pytest.approx(0.5, abs=1e-3) for v in sparsity.values())
+    with pytest.raises(PipelineError, match="PATTERN:SPARSITY"):
+        llmopt.run_pipeline(_fused(exported), "prune{overrides=nonsense}")
