@@ -6,7 +6,7 @@ On the trained reference model and on the ~50M Llama (random init, for speed onl
 
 - llmopt: cpu-int8 (8-bit MatMulNBits, dynamic activations), the static alternative (qdq,
   percentile-calibrated, int8 embeddings), cpu-int4 (int4 block 32, GPTQ on the builtin calibration
-  text), int4 with round-to-nearest, and the cuda-int8 graph run by the CPU provider;
+  text), int4 with round-to-nearest, and the cuda-int8 and cuda-fp16 graphs run by the CPU provider;
 - ONNX Runtime's own tools, applied to the same fused fp32 graph (llmopt's cpu-fp32 artifact) so
   that only the quantization differs: `quantize_dynamic` (int8, per channel), `quantize_static`
   (QDQ, the same calibration batches, MinMax), `MatMulNBitsQuantizer` (4 bits, block 32).
@@ -45,6 +45,7 @@ LLMOPT = {
     "cpu-int4 (block 32, GPTQ)": ("cpu-int4", None),
     "int4 block 32, round-to-nearest": ("cpu-int4", "fold,cleanup,fuse,kv-cache,weight-only{bits=4,block_size=32,method=rtn},cleanup"),
     "cuda-int8 graph on the CPU provider": ("cuda-int8", None),
+    "cuda-fp16 graph on the CPU provider": ("cuda-fp16", None),
 }
 
 

@@ -171,9 +171,17 @@ def make_session(path: str | os.PathLike, providers: Iterable[str] = ("CPUExecut
 
 
 def run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run on the feeds the session takes; float feeds follow the session's float type (an fp16
+    graph verified against its fp32 source gets the same samples, rounded)."""
     names = [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
-    outs = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    types = {i.name: i.type for i in session.get_inputs()}
+    cast = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+    sent = {}
+    for k, v in feeds.items():
+        if k in types:
+            want = cast.get(types[k])
+            sent[k] = v.astype(want) if want is not None and v.dtype != want and v.dtype.kind == "f" else v
+    outs = session.run(names, sent)
     return dict(zip(names, outs))
 
 
@@ -349,7 +357,7 @@ def _verify_incremental(source, compiled, src_model, thresholds: Thresholds, pro
             "rerun with --verify-each to name the pass that broke it"
         ) from None
     pasts = [i for i in sess.get_inputs() if _is_past(i.name)]
-    feeds = {p.name: np.zeros((batch, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts}
+    feeds = {p.name: np.zeros((batch, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts}  # cast by run()
     figs, start = [], 0
     for length in [prefill] + [1] * steps:
         end = start + length
