@@ -184,6 +184,30 @@ def kernel_variants(work: Path, rounds: int) -> None:
         print(f"| {name} | {r['ms']:.2f} | {r['speedup']:.2f}x |")
 
 
+STATIC_VARIANTS = {
+    "qdq, minmax": "qdq{method=minmax}",
+    "qdq, percentile 99.99": "qdq{method=percentile}",
+    "qdq, entropy": "qdq{method=entropy}",
+    "smooth-quant alpha 0.5, qdq minmax": "smooth-quant{alpha=0.5},qdq{method=minmax}",
+    "smooth-quant alpha 0.8, qdq minmax": "smooth-quant{alpha=0.8},qdq{method=minmax}",
+    "smooth-quant alpha 0.5, qdq percentile": "smooth-quant{alpha=0.5},qdq{method=percentile}",
+}
+
+
+def static_variants(work: Path) -> None:
+    """Static int8 on the reference: calibration method and SmoothQuant, perplexity on the whole eval text."""
+    ref = reference_model_dir()
+    models = {"fp32 (export)": export(ref, work / "ref.onnx", with_past=True)}
+    for i, (name, passes) in enumerate(STATIC_VARIANTS.items()):
+        models[name] = llmopt.compile(ref, target="cpu-int8", out=work / f"s{i}", measure_speed=False, verify_model=False,
+                                      eval_tokens=256, passes=f"fold,cleanup,fuse,kv-cache,{passes},cleanup").model_path
+    ppl = perplexities(models)
+    base = ppl["fp32 (export)"]["perplexity"]
+    print(f"\n| static int8 variant | perplexity ({ppl['fp32 (export)']['tokens']} tokens) | vs fp32 |\n|---|---|---|")
+    for name, r in ppl.items():
+        print(f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / base - 1:+.2%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=40, help="timing rounds")
@@ -191,6 +215,7 @@ def main() -> None:
     ap.add_argument("--time", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--speed-only", action="store_true", help="only the 50M Llama speed column (prints a table)")
     ap.add_argument("--kernel-variants", action="store_true", help="int8 vs int4 MatMulNBits variants on the 50M Llama")
+    ap.add_argument("--static-variants", action="store_true", help="calibration methods and SmoothQuant for qdq, reference perplexity")
     args = ap.parse_args()
     if args.time:
         return time_round_robin(args.time, args.pairs)
@@ -199,6 +224,8 @@ def main() -> None:
         work = Path(tmp)
         if args.kernel_variants:
             return kernel_variants(work, args.pairs)
+        if args.static_variants:
+            return static_variants(work)
         if args.speed_only:
             big = build_models(work, build("llama", work / "hf-llama50m", size="50m"), "llama50m", "random")
             fast = speed(big, args.pairs)
