@@ -8,6 +8,7 @@ stage (counter)        what it does                                            r
 gemm_to_matmul         ``Gemm`` → ``MatMul`` + ``Add``                         llmopt
 rotary_angles          transformers ≥ 5 rotary angles → the MatMul form        llmopt
 identity_reshape       drop a Reshape to the shape its input has (Phi-3)       llmopt
+flattened_linear       Reshape→MatMul→Reshape around linears (GPT-2) → MatMul  llmopt
 (prepare)              shape inference, constant folding, shape rules          onnxscript
 canonical_dims         ``seq + past`` and ``past + seq`` spelled alike         llmopt
 rms_normalization      RMSNorm → ``SimplifiedLayerNormalization``              onnxscript
@@ -20,8 +21,12 @@ gqa                    SDPA with grouped K/V + rotary → ``GroupQueryAttention`
 gqa_seqlens_from_mask  GQA's sequence lengths from ``attention_mask``          llmopt
 pack_qkv               three Q/K/V MatMuls → one packed MatMul                 llmopt
 packed_qkv_for_gqa     Slices of a packed QKV (Phi-3) → packed GQA input       onnxscript
-mha*, attention        SDPA → ``MultiHeadAttention`` (+ bias, scale, past)     onnxscript
+sliced_qkv             the same without a KV cache (onnxscript's needs one)    llmopt
+mha*, sdpa_via_mha     SDPA → ``MultiHeadAttention`` (+ bias, scale, past)     onnxscript
+flattened_linear_...   the same Reshapes after a ``MultiHeadAttention``        llmopt
 gelu, bias_gelu        tanh/erf GELU → ``FastGelu`` / ``Gelu`` / ``BiasGelu``  onnxscript
+gelu_half_first        ``(0.5·x)·(1+tanh(…))`` (torch's export) → ``FastGelu``  llmopt
+fast_gelu_bias         ``FastGelu(x + b)`` → ``FastGelu(x, b)``                llmopt
 silu                   ``x·Sigmoid(x)`` → ``QuickGelu(alpha=1)``               llmopt
 =====================  ======================================================  ==========
 

@@ -14,6 +14,12 @@ those fusions leave for ONNX Runtime:
 - ``gqa_seqlens_from_mask``: ``GroupQueryAttention``'s ``seqlens_k`` / ``total_sequence_length``
   computed once from the graph's ``attention_mask`` (per-row lengths, right padding) instead of
   from position ids, which are ``[1, S]`` in exports without a KV cache.
+- ``SlicedQKV`` (``sliced_qkv``): Phi-3's sliced packed projection → the packed GQA input, with
+  or without a KV cache.
+- ``FlattenedLinear`` (``flattened_linear``, ``flattened_linear_after_mha``): GPT-2's 2-D
+  Reshape → MatMul (+ bias) → Reshape back → one MatMul over the 3-D input.
+- ``GeluTanhHalfFirst`` (``gelu_half_first``): torch's tanh-GELU export → ``FastGelu``;
+  ``FastGeluBias`` (``fast_gelu_bias``): the preceding bias Add into ``FastGelu``'s bias input.
 - ``SiluAsQuickGelu`` (``silu``): ``x * Sigmoid(x)`` → ``QuickGelu(x, alpha=1)``, one kernel.
 """
 
