@@ -85,7 +85,7 @@ def ort_tools(work: Path, tag: str, fused: Path, calib_source) -> dict[str, Path
 
         def get_next(self):
             ids = next(self.it, None)
-            return None if ids is None else calibration._feeds(sess_inputs, ids)
+            return None if ids is None else evaluate.prefill_feeds(sess_inputs, ids)
 
     s = work / f"{tag}-ort-static" / "model.onnx"
     s.parent.mkdir()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -195,6 +195,7 @@ def collect(model: ir.Model, values: Sequence[str], batches: Iterable[np.ndarray
     """Run ``model`` (saved to a temporary directory) over ``batches`` and feed every requested
     intermediate value to its observers; ``make_observers(name)`` returns a list of observers."""
     from llmopt import verify
+    from llmopt.evaluate import prefill_feeds
 
     observers = {name: make_observers(name) for name in values}
     by_name = {v.name: v for node in model.graph for v in node.outputs}
@@ -215,25 +216,8 @@ def collect(model: ir.Model, values: Sequence[str], batches: Iterable[np.ndarray
         session = verify.make_session(path)
         inputs = {i.name: i for i in session.get_inputs()}
         for ids in batches:
-            outs = session.run(list(values), _feeds(inputs, ids))
+            outs = session.run(list(values), prefill_feeds(inputs, ids))
             for name, x in zip(values, outs):
                 for obs in observers[name]:
                     obs.update(x)
     return observers
-
-
-def _feeds(inputs: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
-    b, s = ids.shape
-    feeds = {"input_ids": ids}
-    for name, meta in inputs.items():
-        if name == "attention_mask":
-            feeds[name] = np.ones((b, s), np.int64)
-        elif name == "position_ids":
-            feeds[name] = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
-        elif name.startswith("past_key_values."):
-            feeds[name] = np.zeros((b, meta.shape[1], 0, meta.shape[3]), np.float16 if "16" in meta.type else np.float32)
-    return feeds
-
-
-def batches_iter(batches: list[np.ndarray]) -> Iterator[np.ndarray]:
-    yield from batches

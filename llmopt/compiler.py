@@ -23,9 +23,9 @@ from llmopt import ir as irx
 from llmopt import verify
 from llmopt import genai
 from llmopt.calibration import SOURCE_DIR_KEY
-from llmopt.errors import InputError, OutputError, PipelineError, VerificationError
+from llmopt.errors import InputError, OutputError, VerificationError
 from llmopt.inspector import kv_cache_info
-from llmopt.manager import PassManager
+from llmopt.manager import PassManager, check_explain
 from llmopt.pipeline import Pipeline, load_recipe, parse
 from llmopt.registry import get_target
 
@@ -125,9 +125,7 @@ def compile(  # noqa: A001 - the public name users expect
         tgt = dataclasses.replace(tgt, thresholds=override_thresholds(tgt.thresholds, thresholds))
     pipeline = resolve_pipeline(tgt, passes, recipe)
     pipeline.validate()  # unknown passes/options fail before any work
-    unknown = set(explain) - {spec.name for spec in pipeline.pass_specs()}
-    if unknown:
-        raise PipelineError(f"--explain {', '.join(sorted(unknown))}: no such pass in the pipeline '{pipeline}'")
+    check_explain(pipeline, explain)  # before any export or load
     from llmopt.export import resolve_hf_dir
 
     hf_dir = resolve_hf_dir(model)
@@ -196,7 +194,8 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
         pipeline, verify_each=verify_each, thresholds=tgt.thresholds, on_start=on_start, on_end=on_end,
         source=str(model_arg), explain=explain,
     )
-    ir_model.metadata_props[SOURCE_DIR_KEY] = str(hf_dir if hf_dir is not None else Path(src_file).parent)
+    source_dir = hf_dir if hf_dir is not None else Path(src_file).parent  # where a tokenizer/config may be
+    ir_model.metadata_props[SOURCE_DIR_KEY] = str(source_dir)
     try:
         result = manager.run(ir_model)
     finally:
@@ -214,8 +213,8 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
     try:
         _log(progress, f"save    {out}/ (external data)")
         irx.save(result.model, staging / irx.MODEL_FILE)
-        cfg = genai.hf_config(hf_dir if hf_dir is not None else Path(src_file).parent)
-        tokenizer = genai.copy_tokenizer([hf_dir, Path(src_file).parent], staging)
+        cfg = genai.hf_config(source_dir)
+        tokenizer = genai.copy_tokenizer([source_dir], staging)
         generation = genai.generation_info(result.model, cfg)
         if generation is not None:
             generation["tokenizer"] = bool(tokenizer)

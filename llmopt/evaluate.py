@@ -42,7 +42,7 @@ def perplexity(session, token_ids: np.ndarray, window: int = 128, batch: int = 8
     nll, count = 0.0, 0
     for start in range(0, len(windows), batch):
         chunk = windows[start : start + batch]
-        feeds = _feeds(inputs, chunk)
+        feeds = prefill_feeds(inputs, chunk)
         logits = verify.run(session, feeds)[verify.logits_name(o.name for o in session.get_outputs())]
         logits = logits[:, :-1].astype(np.float64)
         targets = chunk[:, 1:]
@@ -54,7 +54,8 @@ def perplexity(session, token_ids: np.ndarray, window: int = 128, batch: int = 8
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": int(count)}
 
 
-def _feeds(inputs, ids: np.ndarray) -> dict[str, np.ndarray]:
+def prefill_feeds(inputs, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for running ``ids`` [batch, seq] from an empty cache; ``inputs``: the session's inputs by name."""
     b, s = ids.shape
     feeds = {"input_ids": ids.astype(np.int64)}
     if "attention_mask" in inputs:

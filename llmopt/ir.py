@@ -8,6 +8,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from llmopt.errors import InputError, first_line
@@ -209,4 +210,15 @@ def drop_unused_initializers(graph: ir.Graph) -> int:
     for name in dead:
         del graph.initializers[name]
     return len(dead)
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer named ``name`` (suffixed ``_1``, ``_2``, ... if the name is taken)."""
+    taken = set(graph.initializers) | {v.name for v in graph.inputs} | {v.name for n in graph for v in n.outputs}
+    base, i = name, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
 

@@ -109,10 +109,7 @@ class PassManager:
         self.on_start = on_start
         self.on_end = on_end
         self.source = source
-        self.explain = set(explain)
-        unknown = self.explain - {spec.name for spec in pipeline.pass_specs()}
-        if unknown:
-            raise PipelineError(f"--explain {', '.join(sorted(unknown))}: no such pass in the pipeline '{pipeline}'")
+        self.explain = check_explain(pipeline, explain)
         self._records: list[PassRecord] = []
         self._warnings: list[str] = []
         self._checker: _VerifyEach | None = None
@@ -197,6 +194,15 @@ class PassManager:
         with open(fd, "w") as fh:
             json.dump(info, fh, indent=2)
         return Path(name)
+
+
+def check_explain(pipeline: Pipeline, names: Iterable[str]) -> set[str]:
+    """The pass names ``--explain`` asked for, each of which must be in the pipeline."""
+    names = set(names)
+    unknown = names - {spec.name for spec in pipeline.pass_specs()}
+    if unknown:
+        raise PipelineError(f"--explain {', '.join(sorted(unknown))}: no such pass in the pipeline '{pipeline}'")
+    return names
 
 
 def run_pipeline(model: ir.Model, pipeline: Pipeline | str, **kwargs: Any) -> PipelineResult:

@@ -321,13 +321,7 @@ def verify_files(
     ref_sess = make_session(irx.resolve_model_file(source))
     refs = [run(ref_sess, f) for f in feeds]
     del ref_sess
-    try:
-        sess = make_session(irx.resolve_model_file(compiled), providers)
-    except Exception as exc:  # ORT refuses the graph: a pass produced something it cannot run
-        raise VerificationError(
-            f"ONNX Runtime ({providers[0]}) cannot load the compiled model: {first_line(exc)}; "
-            "rerun with --verify-each to name the pass that broke it"
-        ) from None
+    sess = _compiled_session(compiled, providers)
     figs = []
     for shape, ref, feed in zip(shapes, refs, feeds):
         try:
@@ -337,6 +331,16 @@ def verify_files(
                 f"the compiled model fails on a sample the source runs ({dataclasses.asdict(shape)}): {first_line(exc)}"
             ) from None
     return Verification(worst(figs), thresholds, [dataclasses.asdict(s) for s in shapes], providers[0])
+
+
+def _compiled_session(compiled, providers):
+    try:
+        return make_session(irx.resolve_model_file(compiled), providers)
+    except Exception as exc:  # ORT refuses the graph: a pass produced something it cannot run
+        raise VerificationError(
+            f"ONNX Runtime ({providers[0]}) cannot load the compiled model: {first_line(exc)}; "
+            "rerun with --verify-each to name the pass that broke it"
+        ) from None
 
 
 def _verify_incremental(source, compiled, src_model, thresholds: Thresholds, providers, seed: int,
@@ -349,13 +353,7 @@ def _verify_incremental(source, compiled, src_model, thresholds: Thresholds, pro
                           "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()})
     key = logits_name(full)
     del ref_sess
-    try:
-        sess = make_session(irx.resolve_model_file(compiled), providers)
-    except Exception as exc:
-        raise VerificationError(
-            f"ONNX Runtime ({providers[0]}) cannot load the compiled model: {first_line(exc)}; "
-            "rerun with --verify-each to name the pass that broke it"
-        ) from None
+    sess = _compiled_session(compiled, providers)
     pasts = [i for i in sess.get_inputs() if _is_past(i.name)]
     feeds = {p.name: np.zeros((batch, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts}  # cast by run()
     figs, start = [], 0

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from llmopt import ir as irx
 from llmopt.errors import LlmoptError
 from llmopt.pass_base import Pass, option
 from llmopt.registry import register_pass
@@ -195,10 +196,7 @@ class KVCache(Pass):
                     continue
                 if id(value) not in done:
                     table = _evaluate_table(value, self.options.max_length)
-                    const = ir.Value(name=f"{value.name}_table_{self.options.max_length}", const_value=ir.tensor(table),
-                                     shape=ir.Shape(table.shape), type=ir.TensorType(ir.DataType.FLOAT))
-                    model.graph.register_initializer(const)
-                    done[id(value)] = const
+                    done[id(value)] = irx.add_initializer(model.graph, f"{value.name}_table_{self.options.max_length}", table)
                     n += 1
                 node.replace_input_with(slot, done[id(value)])
         return n

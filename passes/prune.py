@@ -146,8 +146,7 @@ class Prune(Pass):
             else:
                 mask = self._mask(score, threshold)
             pruned = np.where(mask, arr, 0).astype(w.const_value.numpy().dtype)
-            new = ir.Value(name=f"{w.name}_pruned", const_value=ir.tensor(pruned, name=f"{w.name}_pruned"))
-            model.graph.register_initializer(new)
+            new = irx.add_initializer(model.graph, f"{w.name}_pruned", pruned)
             node.replace_input_with(1, new)
             report[new.name] = round(float(1 - mask.mean()), 6)
             self.count("tensors")
@@ -240,9 +239,7 @@ class Prune(Pass):
                 node = m[key]
                 old = node.inputs[1]
                 sliced = np.take(arr, keep, axis=axis).astype(old.const_value.numpy().dtype)
-                new = ir.Value(name=f"{old.name}_ffn{len(keep)}", const_value=ir.tensor(sliced, name=f"{old.name}_ffn{len(keep)}"))
-                model.graph.register_initializer(new)
-                node.replace_input_with(1, new)
+                node.replace_input_with(1, irx.add_initializer(model.graph, f"{old.name}_ffn{len(keep)}", sliced))
             for v in m["hidden_values"]:  # the shapes downstream of gate/up now end in len(keep)
                 if v.shape is not None and v.shape[-1] == width:
                     v.shape = ir.Shape([*list(v.shape)[:-1], len(keep)])
@@ -262,8 +259,7 @@ class Prune(Pass):
                              "output projection found; run 'fuse' (with pack_qkv) first")
         outs = [s["gqa"].outputs[0].name for s in sites]
         act = self._activation_norms(model, outs) if self.options.method == "wanda" else {}
-        inputs = {v.name: v for v in model.graph.inputs}
-        for layer, site in enumerate(sites):
+        for site in sites:
             gqa, h, hkv, hd = site["gqa"], site["heads"], site["kv_heads"], site["head_dim"]
             group = h // hkv
             wqkv, wo = site["qkv"].inputs[1].const_value.numpy(), site["out"].inputs[1].const_value.numpy()
@@ -307,7 +303,6 @@ class Prune(Pass):
             self.count("attention_layers")
             self.count("kv_heads_removed", hkv - len(keep_kv))
             self.count("query_heads_removed", h - len(keep_q))
-        del inputs
         irx.drop_unused_initializers(model.graph)
         if "llmopt.kv_cache" in model.metadata_props:
             layout = json.loads(model.metadata_props["llmopt.kv_cache"])
@@ -318,9 +313,7 @@ class Prune(Pass):
     def _replace(self, model: ir.Model, node: ir.Node, slot: int, array: np.ndarray, tag: str) -> None:
         old = node.inputs[slot]
         name = f"{old.name}_{tag}{array.shape[-1] if array.ndim == 1 else array.shape[0]}x"
-        new = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-        model.graph.register_initializer(new)
-        node.replace_input_with(slot, new)
+        node.replace_input_with(slot, irx.add_initializer(model.graph, name, array))
 
 
 def _attention_site(node: ir.Node) -> dict | None:

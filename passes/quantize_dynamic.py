@@ -72,14 +72,19 @@ def quantize_symmetric(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.
     return q, scale
 
 
+def blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """``w`` [K, N] → [N, n_blocks, block], zero-padded along K: MatMulNBits' block layout."""
+    k, n = w.shape
+    nb = -(-k // block)
+    wt = np.zeros((n, nb * block), dtype=np.float32)
+    wt[:, :k] = w.T
+    return wt.reshape(n, nb, block)
+
+
 def quantize_blockwise_u8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """``w`` [K, N] → MatMulNBits (bits=8) layout: uint8 ``[N, n_blocks, block_size]`` holding
     ``q + 128`` (symmetric, so the kernel's default zero point 128 applies) and scales ``[N * n_blocks]``."""
-    k, n = w.shape
-    n_blocks = -(-k // block_size)
-    wt = np.zeros((n, n_blocks * block_size), dtype=np.float32)
-    wt[:, :k] = w.T
-    wt = wt.reshape(n, n_blocks, block_size)
+    wt = blocks(w, block_size)
     scale = np.abs(wt).max(axis=-1, keepdims=True) / 127.0
     scale[scale == 0] = 1.0
     q = (np.clip(np.rint(wt / scale), -127, 127) + 128).astype(np.uint8)
@@ -264,10 +269,7 @@ class QuantizeDynamic(Pass):
         for node in list(self._graph):
             if node.op_type == "Transpose" and all(not o.uses() and not o.is_graph_output() for o in node.outputs):
                 self._graph.remove(node, safe=True)
-        for name, value in list(self._graph.initializers.items()):
-            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-                del self._graph.initializers[name]
-
+        irx.drop_unused_initializers(self._graph)
 
 def _all_values(graph: ir.Graph):
     yield from graph.inputs

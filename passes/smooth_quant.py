@@ -87,21 +87,11 @@ class SmoothQuant(Pass):
             s = (x_max ** a / w_max ** (1 - a)).astype(np.float32)
             gamma = node.inputs[g]
             new_gamma = (gamma.const_value.numpy().astype(np.float32) / s).astype(gamma.const_value.numpy().dtype)
-            node.replace_input_with(g, self._constant(model, f"{gamma.name}_smoothed", new_gamma))
+            node.replace_input_with(g, irx.add_initializer(model.graph, f"{gamma.name}_smoothed", new_gamma))
             for user, w in zip(users, weights):
                 scaled = (w.const_value.numpy().astype(np.float32) * s[:, None]).astype(w.const_value.numpy().dtype)
-                user.replace_input_with(1, self._constant(model, f"{w.name}_smoothed", scaled))
+                user.replace_input_with(1, irx.add_initializer(model.graph, f"{w.name}_smoothed", scaled))
             self.count("norms")
             self.count("matmuls", len(users))
         irx.drop_unused_initializers(model.graph)
         return True
-
-    @staticmethod
-    def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-        taken = set(model.graph.initializers)
-        base, i = name, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        model.graph.register_initializer(value)
-        return value

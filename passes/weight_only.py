@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.passes.quantize_dynamic import MS_DOMAIN, QuantizeDynamic
+from llmopt.passes.quantize_dynamic import MS_DOMAIN, QuantizeDynamic, blocks
 from llmopt.pass_base import option
 from llmopt.quant_spec import QuantSpec
 from llmopt.registry import register_pass
@@ -119,18 +119,9 @@ class WeightOnly(QuantizeDynamic):
                                    "accuracy_level": o.accuracy_level})
 
 
-def _blocks(w: np.ndarray, block: int) -> np.ndarray:
-    """``w`` [K, N] → [N, n_blocks, block] (zero-padded along K)."""
-    k, n = w.shape
-    nb = -(-k // block)
-    wt = np.zeros((n, nb * block), dtype=np.float32)
-    wt[:, :k] = w.T
-    return wt.reshape(n, nb, block)
-
-
 def quantize_blocks(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round to nearest: integers [N, n_blocks, block], scales and zero points [N, n_blocks]."""
-    b = _blocks(w, spec.block_size)
+    b = blocks(w, spec.block_size)
     scale, zero = spec.scale_zero_point(b.min(axis=-1), b.max(axis=-1))
     q = spec.quantize(b, scale[..., None], zero[..., None])
     return q, scale, zero
