@@ -26,6 +26,7 @@ from llmopt.calibration import SOURCE_DIR_KEY
 from llmopt.errors import InputError, OutputError, VerificationError
 from llmopt.inspector import kv_cache_info
 from llmopt.manager import PassManager, check_explain
+from llmopt.quant_spec import QUANT_ERROR_KEY
 from llmopt.pipeline import Pipeline, load_recipe, parse
 from llmopt.registry import get_target
 
@@ -190,6 +191,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
         _log(progress, f"        {rec.nodes_before}→{rec.nodes_after} nodes, {rec.seconds:.2f}s, {counters}")
 
     source_nodes = irx.node_count(ir_model)
+    source_ops = irx.op_histogram(ir_model)
     manager = PassManager(
         pipeline, verify_each=verify_each, thresholds=tgt.thresholds, on_start=on_start, on_end=on_end,
         source=str(model_arg), explain=explain,
@@ -239,12 +241,15 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             "kv_cache": kv_cache_info(result.model),
             "generation": generation,
             "sparsity": json.loads(result.model.metadata_props.get("llmopt.sparsity", "null")),
+            "quantization_error": json.loads(result.model.metadata_props.get(QUANT_ERROR_KEY, "null")),
             "artifact": {
                 "files": files,
                 "bytes": artifact_bytes,
                 "size_ratio": round(artifact_bytes / source_info["bytes"], 4) if source_info["bytes"] else None,
                 "nodes": irx.node_count(result.model),
                 "source_nodes": source_nodes,
+                "ops": irx.op_histogram(result.model),
+                "source_ops": source_ops,
             },
             "verification": None,
             "speed": None,

@@ -17,6 +17,9 @@ from llmopt.errors import PipelineError
 DTypes = Literal["int8", "uint8", "int4", "uint4"]
 _RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# Quantizing passes record, per weight, how far the quantized values are from the float ones:
+# model.metadata_props[QUANT_ERROR_KEY] = JSON {weight name: {"rel_rmse": float, "pass": name, ...}}.
+QUANT_ERROR_KEY = "llmopt.quant_error"
 
 
 @dataclasses.dataclass(frozen=True)
