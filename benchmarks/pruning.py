@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt import evaluate, timing, verify  # noqa: E402
+from llmopt import perplexity as pplx, timing, verify  # noqa: E402
 from llmopt import ir as irx  # noqa: E402
 from llmopt.export import reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
@@ -44,12 +44,12 @@ def pipeline(prune: str | None) -> str:
 
 def reference(work: Path) -> dict:
     ref = reference_model_dir()
-    ids = evaluate.tokenize_file(evaluate.load_tokenizer(ref), ref / "eval.txt")
+    ids = pplx.tokenize_file(pplx.load_tokenizer(ref), ref / "eval.txt")
     rows = {}
     for i, (name, prune) in enumerate(VARIANTS.items()):
         art = llmopt.compile(ref, target="cpu-fp32", passes=pipeline(prune), out=work / f"ref{i}", measure_speed=False,
                              verify_model=False, eval_tokens=256)
-        ppl = evaluate.perplexity(verify.make_session(art.model_path, threads=2), ids)
+        ppl = pplx.perplexity(verify.make_session(art.model_path, threads=2), ids)
         params = sum(p["count"] for p in irx.parameter_stats(llmopt.load(art.model_path)).values())
         rows[name] = {"perplexity": ppl["perplexity"], "parameters": params, "sparsity": art.report.get("sparsity")}
         print(name, round(ppl["perplexity"], 3), params, flush=True)

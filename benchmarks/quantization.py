@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import llmopt  # noqa: E402
-from llmopt import calibration, evaluate, timing, verify  # noqa: E402
+from llmopt import calibration, perplexity as pplx, timing, verify  # noqa: E402
 from llmopt import ir as irx  # noqa: E402
 from llmopt.export import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
@@ -85,7 +85,7 @@ def ort_tools(work: Path, tag: str, fused: Path, calib_source) -> dict[str, Path
 
         def get_next(self):
             ids = next(self.it, None)
-            return None if ids is None else evaluate.prefill_feeds(sess_inputs, ids)
+            return None if ids is None else pplx.prefill_feeds(sess_inputs, ids)
 
     s = work / f"{tag}-ort-static" / "model.onnx"
     s.parent.mkdir()
@@ -127,10 +127,10 @@ def size(path: Path) -> int:
 
 def perplexities(models: dict[str, Path]) -> dict[str, float]:
     ref = reference_model_dir()
-    ids = evaluate.tokenize_file(evaluate.load_tokenizer(ref), ref / "eval.txt")
+    ids = pplx.tokenize_file(pplx.load_tokenizer(ref), ref / "eval.txt")
     out = {}
     for name, path in models.items():
-        out[name] = evaluate.perplexity(verify.make_session(path, threads=2), ids)
+        out[name] = pplx.perplexity(verify.make_session(path, threads=2), ids)
         print(f"ppl {name}: {out[name]['perplexity']:.3f}", flush=True)
     return out
 

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt import evaluate, timing, verify  # noqa: E402
+from llmopt import perplexity as pplx, timing, verify  # noqa: E402
 from llmopt import ir as irx  # noqa: E402
 from llmopt.export import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
@@ -82,9 +82,9 @@ def reference(work: Path) -> dict:
     art = llmopt.compile(ref, target="cpu-int8", out=work / "ref-int8", measure_speed=False)
     src = work / "ref.onnx"
     export(ref, src, with_past=True)
-    ids = evaluate.tokenize_file(evaluate.load_tokenizer(ref), ref / "eval.txt")
-    fp32 = evaluate.perplexity(verify.make_session(src, threads=2), ids)
-    int8 = evaluate.perplexity(verify.make_session(art.model_path, threads=2), ids)
+    ids = pplx.tokenize_file(pplx.load_tokenizer(ref), ref / "eval.txt")
+    fp32 = pplx.perplexity(verify.make_session(src, threads=2), ids)
+    int8 = pplx.perplexity(verify.make_session(art.model_path, threads=2), ids)
     return {"tokens": fp32["tokens"], "fp32_perplexity": fp32["perplexity"], "int8_perplexity": int8["perplexity"],
             "change": int8["perplexity"] / fp32["perplexity"] - 1, "size_ratio": art.report["artifact"]["size_ratio"]}
 

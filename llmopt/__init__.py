@@ -1,11 +1,17 @@
 """llmopt: a compiler-style graph optimization toolchain for serving LLMs.
 
-Public API::
+Public API (results are objects; nothing is printed)::
 
     import llmopt
-    art = llmopt.compile("model.onnx", target="cpu-int8", out="out/")
-    art.report            # the manifest (llmopt.json) as a dict
+    art = llmopt.compile("model.onnx", target="cpu-int8", out="out/",
+                         eval_text="eval.txt", max_ppl_increase=0.01, min_speedup=2.0)
+    art.report            # the manifest (llmopt.json) as a dict; art.speedup, art.perplexity_change
+    llmopt.evaluate("out/", "eval.txt", baseline="model.onnx").perplexity_change
+    llmopt.benchmark("out/", batches=(1, 8)).decode_tokens_per_s(8)
     llmopt.inspect_model("model.onnx")
+
+Writing passes (docs/writing-passes.md): ``llmopt.Pass``, ``llmopt.option``,
+``llmopt.register_pass``, ``llmopt.load_plugin``, and ``llmopt.rules`` for pattern rules.
 """
 
 from llmopt.errors import (
@@ -14,6 +20,7 @@ from llmopt.errors import (
     MissingDependencyError,
     OutputError,
     PipelineError,
+    PluginError,
     VerificationError,
 )
 
@@ -21,39 +28,52 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Artifact",
+    "BenchResult",
+    "EvalResult",
+    "GateError",
     "InputError",
     "LlmoptError",
     "MissingDependencyError",
     "OutputError",
+    "Pass",
     "PipelineError",
+    "PluginError",
     "VerificationError",
+    "benchmark",
     "compile",
+    "evaluate",
     "export",
     "inspect_model",
     "load",
+    "load_plugin",
+    "option",
+    "register_pass",
     "run_pipeline",
 ]
 
+_LAZY = {  # name -> (module, attribute): `import llmopt` stays cheap and torch-free
+    "compile": ("llmopt.compiler", "compile"),
+    "Artifact": ("llmopt.compiler", "Artifact"),
+    "export": ("llmopt.export", "export"),
+    "inspect_model": ("llmopt.inspector", "inspect_model"),
+    "load": ("llmopt.ir", "load"),
+    "run_pipeline": ("llmopt.manager", "run_pipeline"),
+    "evaluate": ("llmopt.api", "evaluate"),
+    "benchmark": ("llmopt.api", "benchmark"),
+    "EvalResult": ("llmopt.api", "EvalResult"),
+    "BenchResult": ("llmopt.api", "BenchResult"),
+    "GateError": ("llmopt.gates", "GateError"),
+    "Pass": ("llmopt.pass_base", "Pass"),
+    "option": ("llmopt.pass_base", "option"),
+    "register_pass": ("llmopt.registry", "register_pass"),
+    "load_plugin": ("llmopt.plugins", "load_plugin_file"),
+}
 
-def __getattr__(name):  # lazy: `import llmopt` stays cheap and torch-free
-    if name in ("compile", "Artifact"):
-        from llmopt import compiler
 
-        return getattr(compiler, name)
-    if name == "export":
-        from llmopt.export import export
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-        return export
-    if name == "inspect_model":
-        from llmopt.inspector import inspect_model
-
-        return inspect_model
-    if name == "load":
-        from llmopt.ir import load
-
-        return load
-    if name == "run_pipeline":
-        from llmopt.manager import run_pipeline
-
-        return run_pipeline
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'llmopt' has no attribute {name!r}")

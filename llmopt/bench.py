@@ -28,6 +28,8 @@ from llmopt import ir as irx
 from llmopt.errors import InputError
 from llmopt.runtime import Generator
 
+SCHEMA = "llmopt/bench-report/v1"  # docs/schema/bench-report.v1.json
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
@@ -95,7 +97,7 @@ def benchmark(artifact: str | os.PathLike, baseline: str | os.PathLike | None = 
             loads[key].append(g.load_seconds)
             gens[key] = g
     bandwidth = memory_bandwidth(settings.threads)
-    out: dict[str, Any] = {"settings": dataclasses.asdict(settings), "memory_bandwidth_gbs": round(bandwidth / 1e9, 2),
+    out: dict[str, Any] = {"schema": SCHEMA, "settings": dataclasses.asdict(settings), "memory_bandwidth_gbs": round(bandwidth / 1e9, 2),
                            "models": {}}
     total_runs = len(settings.batches) * settings.repeats * len(models)
     done = 0

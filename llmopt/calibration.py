@@ -146,7 +146,7 @@ def token_batches(source, model_dir: Path | None, seq_len: int = 128, samples: i
         path = _builtin_text() if str(source) == BUILTIN else Path(source)
         if not path.is_file():
             raise InputError(f"calibration text {path} not found; give a text file, or token ids from Python")
-        from llmopt.evaluate import load_tokenizer, tokenize_file
+        from llmopt.perplexity import load_tokenizer, tokenize_file
 
         tok_dir = _tokenizer_dir(model_dir, vocab)
         if tok_dir is None:
@@ -195,7 +195,7 @@ def collect(model: ir.Model, values: Sequence[str], batches: Iterable[np.ndarray
     """Run ``model`` (saved to a temporary directory) over ``batches`` and feed every requested
     intermediate value to its observers; ``make_observers(name)`` returns a list of observers."""
     from llmopt import verify
-    from llmopt.evaluate import prefill_feeds
+    from llmopt.perplexity import prefill_feeds
 
     observers = {name: make_observers(name) for name in values}
     by_name = {v.name: v for node in model.graph for v in node.outputs}

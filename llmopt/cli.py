@@ -59,17 +59,24 @@ def compile(  # noqa: A001
     report: Optional[Path] = typer.Option(None, "--report", help="also write the report JSON here (written on failure too)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON instead of a summary"),
     explain: list[str] = typer.Option([], "--explain", help="say why a pass's rules did not fire, e.g. --explain fuse (repeatable)"),
+    plugin: list[Path] = typer.Option([], "--plugin", help="a Python file defining passes to use in --passes (repeatable)"),
+    trust_plugins: bool = typer.Option(False, "--trust-plugins", help="skip the checks run after each plugin pass (checker, ORT, logits)"),
+    max_ppl_increase: Optional[str] = typer.Option(None, "--max-ppl-increase", help="gate: fail (exit 1) if perplexity rises more, e.g. 1% (needs --eval-text)"),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="gate: fail (exit 1) if single-token speedup vs source is lower, e.g. 2.0"),
 ):
     """Compile a model for a target: run the pipeline, write the artifact, verify it."""
     from llmopt.compiler import compile as do_compile
     from llmopt.errors import VerificationError
+    from llmopt.gates import parse_fraction
 
     try:
         art = do_compile(
             model, target, output, passes=passes, recipe=recipe, verify_model=verify, verify_each=verify_each,
             with_past=with_past, eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=speed,
             report_path=report, thresholds=_parse_thresholds(threshold), progress=None if as_json else _progress,
-            explain=explain,
+            explain=explain, plugins=plugin, check_plugins=not trust_plugins,
+            max_ppl_increase=None if max_ppl_increase is None else parse_fraction(max_ppl_increase),
+            min_speedup=min_speedup,
         )
     except VerificationError as exc:
         if as_json and exc.report is not None:
@@ -97,16 +104,23 @@ def _parse_thresholds(items: list[str]) -> dict[str, float]:
 
 
 @app.command()
-def passes(as_json: bool = typer.Option(False, "--json")):
-    """List every registered pass: name, summary, options with defaults."""
-    from llmopt.registry import all_passes
+def passes(
+    as_json: bool = typer.Option(False, "--json"),
+    plugin: list[Path] = typer.Option([], "--plugin", help="also load the passes of this Python file (repeatable)"),
+):
+    """List every registered pass: name, summary, options with defaults, and where plugins come from."""
+    from llmopt.plugins import load_plugin_file
+    from llmopt.registry import BUILTIN, all_passes, origin
 
-    table = {name: {"summary": cls.summary, "module": cls.__module__, "options": cls.describe_options()} for name, cls in all_passes().items()}
+    for p in plugin:
+        load_plugin_file(p)
+    table = {name: {"summary": cls.summary, "module": cls.__module__, "origin": origin(name),
+                    "options": cls.describe_options()} for name, cls in all_passes().items()}
     if as_json:
         print(json.dumps(table, indent=2, default=str))
         return
     for name, info in table.items():
-        print(f"{name:<18} {info['summary']}")
+        print(f"{name:<18} {info['summary']}" + ("" if info["origin"] == BUILTIN else f"  [{info['origin']}]"))
         for o in info["options"]:
             default = ";".join(map(str, o["default"])) if isinstance(o["default"], tuple) else o["default"]
             print(f"    {o['name'] + '=' + str(default):<28} {o['help']} ({o['type']})")
@@ -185,12 +199,67 @@ def bench(
     settings = BenchSettings(prompt_len=prompt_len, new_tokens=new_tokens, batches=sizes, repeats=repeats, threads=threads)
     if plot is not None:
         plot_steps(None, plot)  # fail before measuring if matplotlib is missing
-    report = benchmark(artifact, baseline, settings, progress=None if as_json else progress_bar())
+    report = benchmark(artifact, baseline, settings, progress=None if as_json else progress_bar())  # == llmopt.benchmark().to_dict()
     if not as_json:
         print(file=sys.stderr)
     if plot is not None:
         plot_steps(report, plot)
     print(json.dumps(report, indent=2) if as_json else format_bench(report))
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="a compiled artifact (directory) or an .onnx file"),
+    text: Path = typer.Option(..., "--text", help="a UTF-8 text file (tokenized with the model's tokenizer)"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="another model (e.g. the source) to evaluate on the same tokens"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="directory with tokenizer.json (default: the model's)"),
+    tokens: int = typer.Option(8192, "--tokens", help="tokens of the text to use"),
+    window: int = typer.Option(128, "--window", help="tokens per window (non-overlapping)"),
+    max_ppl_increase: Optional[str] = typer.Option(None, "--max-ppl-increase", help="gate vs --baseline: exit 1 if perplexity rises more, e.g. 1%"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Perplexity on a text, computed in ONNX Runtime (and a baseline's, on the same tokens)."""
+    from llmopt.api import evaluate
+    from llmopt.gates import GateError, parse_fraction
+
+    result = evaluate(model, text, baseline=baseline, tokenizer=tokenizer, tokens=tokens, window=window,
+                      max_ppl_increase=None if max_ppl_increase is None else parse_fraction(max_ppl_increase))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        line = f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({model})"
+        if result.baseline is not None:
+            line += f"; baseline {result.baseline_perplexity:.4f} ({result.baseline}), change {result.perplexity_change * 100:+.2f}%"
+        print(line)
+    if not result.passed:
+        raise GateError("; ".join(g["text"] for g in result.gates if not g["passed"]), result.to_dict())
+
+
+@app.command()
+def report(
+    artifact: Path = typer.Argument(..., help="a compiled artifact (directory)"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="write a Markdown report here"),
+    bench_json: Optional[Path] = typer.Option(None, "--bench", help="a `llmopt bench ARTIFACT --json` output: adds latency per token vs position"),
+):
+    """A report to read: pass timeline, size/speed/accuracy, op histogram before/after, plots."""
+    from llmopt.html_report import write_report
+
+    for path in write_report(artifact, html, markdown, bench_json):
+        print(f"wrote {path}")
+
+
+@app.command()
+def compare(
+    a: Path = typer.Argument(..., help="a compiled artifact (directory)"),
+    b: Path = typer.Argument(..., help="another compiled artifact"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Two artifacts' reports side by side: size, speed, accuracy, verification, op counts."""
+    from llmopt.compare import compare_artifacts
+
+    text, table = compare_artifacts(a, b)
+    print(json.dumps(table, indent=2, default=str) if as_json else text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from llmopt import __version__
 from llmopt import ir as irx
@@ -24,13 +24,16 @@ from llmopt import verify
 from llmopt import genai
 from llmopt.calibration import SOURCE_DIR_KEY
 from llmopt.errors import InputError, OutputError, VerificationError
+from llmopt.gates import GateError, Gates
 from llmopt.inspector import kv_cache_info
 from llmopt.manager import PassManager, check_explain
 from llmopt.quant_spec import QUANT_ERROR_KEY
 from llmopt.pipeline import Pipeline, load_recipe, parse
+from llmopt.plugins import load_plugin_file
 from llmopt.registry import get_target
 
 MANIFEST = "llmopt.json"
+SCHEMA = "llmopt/compile-report/v1"  # docs/schema/compile-report.v1.json; bump on an incompatible change
 
 
 @dataclasses.dataclass
@@ -43,6 +46,29 @@ class Artifact:
     @property
     def model_path(self) -> Path:
         return self.path / irx.MODEL_FILE
+
+    @property
+    def size_ratio(self) -> float | None:
+        """Artifact bytes (graph + weights) over source bytes."""
+        return self.report["artifact"]["size_ratio"]
+
+    @property
+    def speedup(self) -> float | None:
+        """Single-token latency, source over compiled (median of alternating pairs), if measured."""
+        return (self.report.get("speed") or {}).get("speedup")
+
+    @property
+    def perplexity_change(self) -> float | None:
+        """Compiled perplexity over the source's, minus 1, if an eval text was given."""
+        return (self.report.get("accuracy") or {}).get("perplexity_change")
+
+    @property
+    def gates(self) -> list[dict[str, Any]]:
+        return self.report.get("gates", [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest (llmopt.json), which is what `llmopt compile --json` prints."""
+        return self.report
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Artifact":
@@ -109,6 +135,10 @@ def compile(  # noqa: A001 - the public name users expect
     thresholds: dict[str, float] | None = None,
     progress: Callable[[str], None] | None = None,
     explain: tuple[str, ...] | list[str] = (),
+    max_ppl_increase: float | None = None,
+    min_speedup: float | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
+    check_plugins: bool = True,
 ) -> Artifact:
     """Compile ``model`` (an .onnx file, a directory holding one, or a Hugging Face model
     directory, exported first) for ``target`` into the directory ``out``.
@@ -116,11 +146,20 @@ def compile(  # noqa: A001 - the public name users expect
     ``explain`` names passes (e.g. ``["fuse"]``) that should record why their rules did not fire;
     the report holds it under each pass's ``explanations``.
 
+    Gates (for CI): ``max_ppl_increase`` (a fraction: 0.01 = 1%; needs ``eval_text`` or a model
+    directory with eval.txt) and ``min_speedup`` (single-token latency, source over compiled).
+    ``plugins``: Python files whose passes to register (like ``--plugin``); plugin passes are
+    checked after they run unless ``check_plugins`` is false (see ``llmopt.plugins``).
+
     Raises ``VerificationError`` (exit code 1 on the CLI) when the compiled model misses
-    the target's thresholds; the artifact is then not written, the report still is
-    (to ``report_path`` if given, and on the exception's ``report``).
+    the target's thresholds, ``GateError`` (a VerificationError) when it misses a gate, and
+    ``PluginError`` (exit code 1) when a plugin pass fails; the artifact is then not written,
+    the report still is (to ``report_path`` if given, and on the exception's ``report``).
     """
     started = time.perf_counter()
+    gates = Gates(max_ppl_increase, min_speedup)
+    for plugin in plugins:
+        load_plugin_file(plugin)
     tgt = get_target(target)
     if thresholds:
         tgt = dataclasses.replace(tgt, thresholds=override_thresholds(tgt.thresholds, thresholds))
@@ -130,6 +169,9 @@ def compile(  # noqa: A001 - the public name users expect
     from llmopt.export import resolve_hf_dir
 
     hf_dir = resolve_hf_dir(model)
+    if eval_text is None and hf_dir is not None and (hf_dir / "eval.txt").is_file() and (hf_dir / "tokenizer.json").is_file():
+        eval_text = hf_dir / "eval.txt"
+    gates.require(has_eval_text=eval_text is not None, measure_speed=measure_speed)
     out = Path(out) if out is not None else Path(f"{Path(model).name.removesuffix('.onnx')}-{tgt.name}")
     work = Path(tempfile.mkdtemp(prefix="llmopt-work-"))
     try:
@@ -138,6 +180,7 @@ def compile(  # noqa: A001 - the public name users expect
             verify_model=verify_model, verify_each=verify_each, with_past=with_past,
             eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=measure_speed,
             speed_pairs=speed_pairs, progress=progress, started=started, explain=tuple(explain),
+            gates=gates, check_plugins=check_plugins,
         )
     except VerificationError as exc:
         if report_path and exc.report is not None:
@@ -151,7 +194,8 @@ def compile(  # noqa: A001 - the public name users expect
 
 
 def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verify_each, with_past,
-             eval_text, eval_tokens, measure_speed, speed_pairs, progress, started, explain) -> dict[str, Any]:
+             eval_text, eval_tokens, measure_speed, speed_pairs, progress, started, explain, gates,
+             check_plugins) -> dict[str, Any]:
     source_info: dict[str, Any]
     if hf_dir is not None:
         from llmopt.export import export
@@ -168,8 +212,6 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             "hashed_files": [f.name for f in hashed],
             "export": {"with_past": with_past, "seconds": round(time.perf_counter() - t0, 2)},
         }
-        if eval_text is None and (hf_dir / "eval.txt").is_file() and (hf_dir / "tokenizer.json").is_file():
-            eval_text = hf_dir / "eval.txt"
     else:
         src_file = irx.resolve_model_file(model_arg)
         source_info = {"kind": "onnx", "path": str(src_file)}
@@ -194,7 +236,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
     source_ops = irx.op_histogram(ir_model)
     manager = PassManager(
         pipeline, verify_each=verify_each, thresholds=tgt.thresholds, on_start=on_start, on_end=on_end,
-        source=str(model_arg), explain=explain,
+        source=str(model_arg), explain=explain, check_plugins=check_plugins,
     )
     source_dir = hf_dir if hf_dir is not None else Path(src_file).parent  # where a tokenizer/config may be
     ir_model.metadata_props[SOURCE_DIR_KEY] = str(source_dir)
@@ -226,6 +268,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
         files = {f.name: f.stat().st_size for f in sorted(staging.iterdir())}
         artifact_bytes = sum(size for name, size in files.items() if name.startswith(irx.MODEL_FILE))  # the graph + weights
         report: dict[str, Any] = {
+            "schema": SCHEMA,
             "llmopt_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model()},
@@ -254,6 +297,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             "verification": None,
             "speed": None,
             "accuracy": None,
+            "gates": [],
         }
         del result, ir_model
         compiled_file = staging / irx.MODEL_FILE
@@ -271,6 +315,11 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
                 "nothing was written (loosen the pipeline, or see --verify-each for the pass at fault)",
                 report,
             )
+        report["gates"] = gates.evaluate(report)
+        missed = [g["text"] for g in report["gates"] if not g["passed"]]
+        if missed:
+            raise GateError(f"compiled model misses its gate{'s' if len(missed) > 1 else ''}: {'; '.join(missed)}; "
+                            "nothing was written (the report says by how much)", report)
         report["seconds"] = round(time.perf_counter() - started, 2)
         _write_json(staging / MANIFEST, report)
         _publish(staging, out)
@@ -320,13 +369,13 @@ def _measure(report, src_model, src_file, compiled_file, tgt, eval_text, eval_to
             "pairs": r["pairs"],
         }
     if eval_text:
-        from llmopt import evaluate
+        from llmopt import perplexity as ppl
 
         tok_dir = hf_dir if hf_dir is not None else Path(src_file).parent
         _log(progress, f"eval    perplexity on {eval_text} (first {eval_tokens} tokens)")
-        ids = evaluate.tokenize_file(evaluate.load_tokenizer(tok_dir), eval_text, eval_tokens)
-        src_ppl = evaluate.perplexity(src_sess, ids)
-        out_ppl = evaluate.perplexity(out_sess, ids)
+        ids = ppl.tokenize_file(ppl.load_tokenizer(tok_dir), eval_text, eval_tokens)
+        src_ppl = ppl.perplexity(src_sess, ids)
+        out_ppl = ppl.perplexity(out_sess, ids)
         report["accuracy"] = {
             "text": str(eval_text),
             "tokens": out_ppl["tokens"],

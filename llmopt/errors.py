@@ -35,6 +35,12 @@ class MissingDependencyError(LlmoptError):
     """An optional dependency (torch, transformers, ...) is needed and not installed."""
 
 
+class PluginError(LlmoptError):
+    """A user's pass failed: it did not import, raised, broke the graph or its numerics (exit code 1)."""
+
+    exit_code = 1
+
+
 class VerificationError(LlmoptError):
     """The compiled model misses the target's accuracy thresholds (exit code 1)."""
 

@@ -32,7 +32,7 @@ def run_generate(artifact: Path, prompts: list[str], prompt_ids: list[str], max_
     model_file = irx.resolve_model_file(artifact)
     tokenizer = None
     if prompts:
-        from llmopt.evaluate import load_tokenizer
+        from llmopt.perplexity import load_tokenizer
 
         if not (model_file.parent / "tokenizer.json").is_file():
             raise InputError(f"{artifact}: the artifact has no tokenizer.json; pass token ids with --prompt-ids")

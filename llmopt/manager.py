@@ -1,6 +1,10 @@
 """The PassManager: runs a pipeline over an ``onnx_ir.Model`` with instrumentation
 (time, node and byte deltas, counters), optional verify-each, fixed-point
-iteration and a crash reproducer."""
+iteration and a crash reproducer.
+
+Passes that are not built in (plugins, see ``llmopt.plugins``) are guarded: an exception, a
+graph the ONNX checker or ONNX Runtime rejects, or logits moved beyond the thresholds relative to
+the model the pass was given stop the pipeline with a ``PluginError`` naming the pass."""
 
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ from typing import Any, Callable, Iterable
 import onnx_ir as ir
 
 from llmopt import ir as irx
-from llmopt import verify
-from llmopt.errors import LlmoptError, PipelineError, VerificationError, first_line
+from llmopt import registry, verify
+from llmopt.errors import LlmoptError, PipelineError, PluginError, VerificationError, first_line
 from llmopt.pass_base import Pass, make_options
 from llmopt.pipeline import FixedPoint, Item, PassSpec, Pipeline
+from llmopt.plugins import plugin_frame
 from llmopt.registry import get_pass
 
 
@@ -59,33 +64,76 @@ class PipelineResult:
     warnings: list[str]
 
 
-class _VerifyEach:
-    """After every pass: the ONNX checker, then the logits against the pipeline's input."""
+class _Numerics:
+    """Sample inputs for the pipeline's input model, and running a model on them (checker first)."""
 
     def __init__(self, model: ir.Model, thresholds: verify.Thresholds):
         self.thresholds = thresholds
         shapes = verify.default_shapes(verify.has_past_inputs(model))
         self.feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(shapes)]
+
+    def outputs(self, model: ir.Model, where: str, error: type[LlmoptError] = VerificationError) -> list[dict]:
+        try:
+            cm = verify.saved(model)
+            path = cm.__enter__()
+        except Exception as exc:  # onnx_ir cannot even serialize it
+            raise error(f"{where} produced a model that cannot be saved: {type(exc).__name__}: {first_line(exc)}") from None
+        try:
+            try:
+                verify.check_onnx(path)
+            except Exception as exc:  # onnx.checker.ValidationError and friends
+                raise error(f"{where} produced an invalid model (ONNX checker: {first_line(exc)})") from None
+            try:
+                return verify.run_path(path, self.feeds)
+            except Exception as exc:  # ORT refuses to load or run it
+                raise error(f"{where} produced a model ONNX Runtime cannot run: {first_line(exc)}") from None
+        finally:
+            cm.__exit__(None, None, None)
+
+    def compare(self, reference: list[dict], outputs: list[dict]) -> tuple[dict, list[str]]:
+        figs = verify.worst([verify.compare(r, o) for r, o in zip(reference, outputs)])
+        return figs.as_dict(), figs.misses(self.thresholds)
+
+
+class _VerifyEach(_Numerics):
+    """After every pass: the ONNX checker, then the logits against the pipeline's input."""
+
+    def __init__(self, model: ir.Model, thresholds: verify.Thresholds):
+        super().__init__(model, thresholds)
         self.reference = verify.run_ir_model(model, self.feeds)
 
     def check(self, model: ir.Model, record: PassRecord, index: int) -> None:
         where = f"pass #{index} '{record.name}'"
-        with verify.saved(model) as path:
-            try:
-                verify.check_onnx(path)
-            except Exception as exc:  # onnx.checker.ValidationError and friends
-                raise VerificationError(f"{where} produced an invalid model (ONNX checker: {first_line(exc)})") from None
-            try:
-                outputs = verify.run_path(path, self.feeds)
-            except Exception as exc:  # ORT refuses to load or run it
-                raise VerificationError(f"{where} produced a model ONNX Runtime cannot run: {first_line(exc)}") from None
-        figs = verify.worst([verify.compare(r, o) for r, o in zip(self.reference, outputs)])
-        misses = figs.misses(self.thresholds)
-        record.verify = {"figures": figs.as_dict(), "misses": misses}
+        figures, misses = self.compare(self.reference, self.outputs(model, where))
+        record.verify = {"figures": figures, "misses": misses}
         if misses:
             raise VerificationError(
                 f"{where} is the first to break numerics against the pipeline input: {'; '.join(misses)}"
             )
+
+
+class _PluginGuard(_Numerics):
+    """Around a plugin (not built-in) pass: the model it returns must pass the ONNX checker, run in
+    ONNX Runtime, and give logits within the thresholds of the model it was given."""
+
+    def before(self, model: ir.Model) -> list[dict] | None:
+        try:
+            return verify.run_ir_model(model, self.feeds)
+        except Exception:  # e.g. a graph only another provider runs: numerics cannot be compared here
+            return None
+
+    def after(self, model: ir.Model, reference: list[dict] | None, where: str, record: PassRecord) -> list[str]:
+        outputs = self.outputs(model, where, error=PluginError)
+        if reference is None:
+            return [f"{where}: its numerics were not checked (the model it was given does not run on the CPU provider)"]
+        try:
+            figures, misses = self.compare(reference, outputs)
+        except (KeyError, ValueError) as exc:
+            raise PluginError(f"{where} changed the model's outputs: {first_line(exc)}") from None
+        record.verify = {"figures": figures, "misses": misses, "against": "the model before this pass"}
+        if misses:
+            raise PluginError(f"{where} changed the logits beyond the thresholds: {'; '.join(misses)}")
+        return []
 
 
 class PassManager:
@@ -101,6 +149,7 @@ class PassManager:
         on_end: Callable[[int, PassRecord], None] | None = None,
         source: str | None = None,
         explain: Iterable[str] = (),
+        check_plugins: bool = True,
     ):
         pipeline.validate()
         self.pipeline = pipeline
@@ -110,6 +159,7 @@ class PassManager:
         self.on_end = on_end
         self.source = source
         self.explain = check_explain(pipeline, explain)
+        self.check_plugins = check_plugins
         self._records: list[PassRecord] = []
         self._warnings: list[str] = []
         self._checker: _VerifyEach | None = None
@@ -146,6 +196,12 @@ class PassManager:
         index = len(self._records) + 1
         if self.on_start:
             self.on_start(index, spec)
+        builtin = registry.is_builtin(spec.name)
+        where = f"pass #{index} '{spec.name}'" + ("" if builtin else f" ({registry.origin(spec.name)})")
+        guarded = not builtin and self.check_plugins
+        if guarded:  # inputs drawn for the model as this pass gets it (an earlier pass may add a cache)
+            guard = _PluginGuard(model, self.thresholds)
+            reference = guard.before(model)
         nodes_before, bytes_before = irx.node_count(model), irx.initializer_bytes(model)
         start = time.perf_counter()
         try:
@@ -154,11 +210,17 @@ class PassManager:
             raise
         except Exception as exc:
             path = self._write_reproducer(spec, exc)
+            if not builtin:  # the user's code: say which pass and where, no traceback
+                raise PluginError(
+                    f"{where} raised {type(exc).__name__}: {first_line(exc)}{plugin_frame(exc, cls)} "
+                    f"(reproducer: {path})") from None
             exc.add_note(f"llmopt: pass '{spec.name}' crashed; reproducer written to {path}")
             raise
-        seconds = time.perf_counter() - start
         if result.model is not model:
+            if not builtin:
+                raise PluginError(f"{where} returned a new model; passes must change the model they are given in place")
             raise TypeError(f"pass '{spec.name}' returned a new model; llmopt passes work in place")
+        seconds = time.perf_counter() - start
         record = PassRecord(
             name=spec.name,
             options=instance.options_dict(),
@@ -174,6 +236,8 @@ class PassManager:
         )
         self._records.append(record)
         self._warnings.extend(f"{spec.name}: {w}" for w in instance.warnings)
+        if guarded:
+            self._warnings.extend(guard.after(model, reference, where, record))
         if self._checker is not None:
             self._checker.check(model, record, index)
         if self.on_end:

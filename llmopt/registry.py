@@ -3,7 +3,9 @@
 Built-in passes live in ``llmopt.passes`` and built-in targets in
 ``llmopt.targets``; plugins arrive through the entry-point groups
 ``llmopt.passes`` and ``llmopt.targets`` (each entry point names a Pass
-subclass or a Target instance).
+subclass or a Target instance), through ``--plugin FILE`` (``llmopt.plugins``)
+or through ``register_pass`` called from Python. Every pass remembers where it
+came from (``origin``): a plugin's failures are reported against it.
 """
 
 from __future__ import annotations
@@ -14,26 +16,62 @@ import pkgutil
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from llmopt.errors import PipelineError
+from llmopt.errors import PipelineError, PluginError, first_line
 from llmopt.pass_base import Pass
 
 if TYPE_CHECKING:
     from llmopt.targets.base import Target
 
 _PASSES: dict[str, type[Pass]] = {}
+_ORIGINS: dict[str, str] = {}
 _TARGETS: dict[str, "Target"] = {}
 _loaded = False
+_origin_hint: str | None = None
+BUILTIN = "built-in"
 
 
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available by its ``name``."""
+def register_pass(cls: type[Pass] | None = None, *, origin: str | None = None):
+    """Make a pass available by its ``name`` (usable as a class decorator).
+
+    ``origin`` says where it came from (shown by `llmopt passes`, used in error messages);
+    by default "built-in" for llmopt's own passes and the defining module otherwise.
+    """
+    if cls is None:
+        return lambda c: register_pass(c, origin=origin)
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise TypeError(f"register_pass takes an llmopt Pass subclass, got {cls!r}")
     if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no name")
+        raise ValueError(f"{cls.__qualname__} has no name; set the class attribute `name`")
+    _load_builtins_and_plugins()  # a plugin must not take a built-in's name before it loads
     existing = _PASSES.get(cls.name)
     if existing is not None and existing is not cls:
-        raise ValueError(f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__}")
+        raise ValueError(f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__} "
+                         f"({_ORIGINS.get(cls.name)}); choose another name")
     _PASSES[cls.name] = cls
+    _ORIGINS[cls.name] = origin or _origin_hint or (
+        BUILTIN if cls.__module__.startswith("llmopt.passes.") else f"python module {cls.__module__}")
     return cls
+
+
+def set_origin_hint(origin: str | None) -> None:
+    """While a plugin module is imported, passes it registers are attributed to it."""
+    global _origin_hint
+    _origin_hint = origin
+
+
+def registered(name: str) -> type[Pass] | None:
+    _load_builtins_and_plugins()
+    return _PASSES.get(name)
+
+
+def origin(name: str) -> str:
+    """Where pass ``name`` came from: "built-in", "entry point ...", "plugin file ...", "python module ..."."""
+    _load_builtins_and_plugins()
+    return _ORIGINS.get(name, "unknown")
+
+
+def is_builtin(name: str) -> bool:
+    return origin(name) == BUILTIN
 
 
 def register_target(target: "Target") -> "Target":
@@ -55,10 +93,18 @@ def _load_builtins_and_plugins() -> None:
             if not info.name.startswith("_"):
                 importlib.import_module(f"{pkg_name}.{info.name}")
     for ep in metadata.entry_points(group="llmopt.passes"):
-        obj = ep.load()
+        where = f"entry point '{ep.name}' = {ep.value}" + (f" of {ep.dist.name} {ep.dist.version}" if ep.dist else "")
+        try:
+            obj = ep.load()
+        except Exception as exc:  # an installed plugin that cannot import: name it, no traceback
+            raise PluginError(f"plugin {where} failed to import: {type(exc).__name__}: {first_line(exc)}; "
+                              "fix or uninstall that package") from None
         if not (isinstance(obj, type) and issubclass(obj, Pass)):
-            raise PipelineError(f"plugin entry point '{ep.name}' ({ep.value}) is not an llmopt Pass subclass")
-        register_pass(obj)
+            raise PluginError(f"plugin {where} is not an llmopt Pass subclass")
+        try:
+            register_pass(obj, origin=where)
+        except ValueError as exc:
+            raise PluginError(f"plugin {where}: {exc}") from None
     for ep in metadata.entry_points(group="llmopt.targets"):
         register_target(ep.load())
 

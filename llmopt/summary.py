@@ -38,6 +38,8 @@ def format_compile_report(r: dict[str, Any], path: Path) -> str:
             f"  accuracy  perplexity {acc['source_perplexity']:.3f} -> {acc['compiled_perplexity']:.3f} "
             f"({acc['perplexity_change']:+.2%}) on {acc['tokens']} tokens of {Path(acc['text']).name}"
         )
+    for g in r.get("gates", []):
+        lines.append(f"  gate      {'PASS' if g['passed'] else 'FAIL'} {g['gate']}: {g['text']}")
     for w in r.get("warnings", []):
         lines.append(f"  warning   {w}")
     for c in r.get("constraints", []):

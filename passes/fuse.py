@@ -48,7 +48,7 @@ from typing import Callable
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import optimize
-from onnxscript.rewriter import MatchingTracer, MatchStatus, pattern
+from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import (
     ORT_PATTERN_REWRITE_RULES,
     bias_gelu,
@@ -70,6 +70,7 @@ from onnxscript.rewriter.ort_fusions import (
 
 from llmopt.pass_base import Pass, option
 from llmopt.registry import register_pass
+from llmopt.rules import explain_rules
 from llmopt.passes import fuse_rules as ours
 
 ATTENTION_MODES = ("auto", "gqa", "mha", "none")
@@ -180,30 +181,6 @@ def _structure(model: ir.Model) -> tuple:
          tuple(map(key, n.inputs)), tuple(map(key, n.outputs)))
         for n in model.graph
     )
-
-
-def explain_rules(model: ir.Model, rules: pattern.RewriteRuleSet) -> list[dict]:
-    """For each rule of a set, its best partial match on ``model`` (nothing is rewritten)."""
-    tracer = MatchingTracer()
-    rules.apply_to_model(model, tracer=tracer)
-    out = []
-    for i, rule in enumerate(rules.rules):
-        name = rule.name or f"{type(rule).__name__}#{i}"
-        best = tracer.best_matches_map.get(rule) or []
-        if not best:
-            out.append({"rule": name, "status": "no partial match", "reason": "no node matched the pattern's root"})
-            continue
-        info = best[0]
-        where = [getattr(x, "name", None) for x in info.match_result.failure_nodes_and_values][:3]
-        out.append({
-            "rule": name,
-            "status": info.status.name.lower().replace("_", " "),
-            "reason": info.match_result.reason or ("matched" if info.status == MatchStatus.SUCCESS else "no reason given"),
-            "at": info.root_node.name,
-            "matched_nodes": len(info.match_result.nodes),
-            "near": [w for w in where if w],
-        })
-    return out
 
 
 @register_pass

@@ -1,0 +1,1 @@
+"""An example llmopt plugin package (see docs/writing-passes.md)."""
