@@ -229,3 +229,14 @@ def test_example_package_installs_and_runs(tmp_path, llama_onnx):
     assert manifest["verification"]["passed"]
     assert llmopt.load(out / "model.onnx").metadata_props["ci.build"] == "1234"
     assert "IsNaN" in manifest["artifact"]["source_ops"] and "IsNaN" not in manifest["artifact"]["ops"]
+
+    # the same rewrite written against onnx-graphsurgeon, through the adapter, verified the same way
+    out_gs = tmp_path / "art-gs"
+    res = cli("compile", llama_onnx, "--target", "cpu-fp32", "-o", out_gs, "--no-speed",
+              "--passes", "drop-nan-guard-gs,fold,cleanup,fuse,kv-cache,cleanup", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((out_gs / "llmopt.json").read_text())
+    rec = manifest["passes"][0]
+    assert rec["counters"]["guards_removed"] == 2 and rec["nodes_after"] == rec["nodes_before"] - 4
+    assert rec["counters"]["tensors_by_reference"] > 0 and "bytes_loaded" not in rec["counters"]  # weights not read
+    assert rec["verify"]["figures"]["max_abs"] == 0.0 and manifest["verification"]["passed"]

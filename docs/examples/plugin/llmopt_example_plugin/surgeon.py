@@ -21,7 +21,9 @@ class DropNanGuardGS(GraphSurgeonPass):
                 continue
             out = where.outputs[0]
             for consumer in list(out.outputs):  # rewire every reader of the guarded value to p
-                consumer.inputs[:] = [p if t is out else t for t in consumer.inputs]
+                for i, t in enumerate(consumer.inputs):
+                    if t is out:
+                        consumer.inputs[i] = p
             graph.outputs = [p if t is out else t for t in graph.outputs]
             where.outputs.clear()
             self.count("guards_removed")
