@@ -54,7 +54,7 @@ __all__ = [
 _LAZY = {  # name -> (module, attribute): `import llmopt` stays cheap and torch-free
     "compile": ("llmopt.compiler", "compile"),
     "Artifact": ("llmopt.compiler", "Artifact"),
-    "export": ("llmopt.export", "export"),
+    "export": ("llmopt.exporter", "export"),
     "inspect_model": ("llmopt.inspector", "inspect_model"),
     "load": ("llmopt.ir", "load"),
     "run_pipeline": ("llmopt.manager", "run_pipeline"),

@@ -3,7 +3,7 @@
 ``llmopt.compile`` returns an ``Artifact``; ``llmopt.evaluate`` an ``EvalResult``;
 ``llmopt.benchmark`` a ``BenchResult``. Each result's ``to_dict()`` is exactly what the CLI's
 ``--json`` prints, and carries a ``schema`` key naming its versioned JSON Schema in
-``docs/schema/`` (documented in docs/reports.md).
+``llmopt/schemas/`` (``schema(name)``; documented in docs/ci.md).
 """
 
 from __future__ import annotations
@@ -18,6 +18,16 @@ from llmopt import ir as irx
 from llmopt.errors import InputError
 
 EVAL_SCHEMA = "llmopt/eval-report/v1"
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+def schema(report: str, version: int = 1) -> dict[str, Any]:
+    """The JSON Schema of a report: ``"compile-report"``, ``"eval-report"`` or ``"bench-report"``."""
+    path = SCHEMA_DIR / f"{report}.v{version}.json"
+    if not path.is_file():
+        known = sorted(p.name for p in SCHEMA_DIR.glob("*.json"))
+        raise InputError(f"no schema '{report}' v{version}; known: {', '.join(known)}")
+    return json.loads(path.read_text())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,4 +169,5 @@ def benchmark(
 
     settings = BenchSettings(prompt_len=prompt_len, new_tokens=new_tokens, batches=tuple(batches),
                              repeats=repeats, threads=threads)
-    return BenchResult(run(Path(artifact), None if baseline is None else Path(baseline), settings, progress=progress))
+    report = run(Path(artifact), None if baseline is None else Path(baseline), settings, progress=progress)
+    return BenchResult(json.loads(json.dumps(report)))  # JSON types, exactly what `llmopt bench --json` prints

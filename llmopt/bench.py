@@ -28,7 +28,7 @@ from llmopt import ir as irx
 from llmopt.errors import InputError
 from llmopt.runtime import Generator
 
-SCHEMA = "llmopt/bench-report/v1"  # docs/schema/bench-report.v1.json
+SCHEMA = "llmopt/bench-report/v1"  # llmopt/schemas/bench-report.v1.json
 
 
 @dataclasses.dataclass(frozen=True)

@@ -185,7 +185,7 @@ def _tokenizer_dir(model_dir: Path | None, vocab: int | None) -> Path | None:
 
 
 def _builtin_text() -> Path:
-    from llmopt.export import reference_model_dir
+    from llmopt.exporter import reference_model_dir
 
     return reference_model_dir() / "calibration.txt"
 

@@ -36,7 +36,7 @@ def export(
     verbose: bool = typer.Option(False, "--verbose", help="show the exporter's own log"),
 ):
     """Export a Hugging Face causal LM to ONNX (torch.onnx dynamo), logits output."""
-    from llmopt.export import export as do_export
+    from llmopt.exporter import export as do_export
 
     path = do_export(model_dir, output, with_past=with_past, verbose=verbose)
     print(f"wrote {path} (+ {path.name}.data)")

@@ -33,7 +33,7 @@ from llmopt.plugins import load_plugin_file
 from llmopt.registry import get_target
 
 MANIFEST = "llmopt.json"
-SCHEMA = "llmopt/compile-report/v1"  # docs/schema/compile-report.v1.json; bump on an incompatible change
+SCHEMA = "llmopt/compile-report/v1"  # llmopt/schemas/compile-report.v1.json; bump on an incompatible change
 
 
 @dataclasses.dataclass
@@ -166,7 +166,7 @@ def compile(  # noqa: A001 - the public name users expect
     pipeline = resolve_pipeline(tgt, passes, recipe)
     pipeline.validate()  # unknown passes/options fail before any work
     check_explain(pipeline, explain)  # before any export or load
-    from llmopt.export import resolve_hf_dir
+    from llmopt.exporter import resolve_hf_dir
 
     hf_dir = resolve_hf_dir(model)
     if eval_text is None and hf_dir is not None and (hf_dir / "eval.txt").is_file() and (hf_dir / "tokenizer.json").is_file():
@@ -190,7 +190,7 @@ def compile(  # noqa: A001 - the public name users expect
         shutil.rmtree(work, ignore_errors=True)
     if report_path:
         _write_json(Path(report_path), report)
-    return Artifact(out, report)
+    return Artifact(out, json.loads(json.dumps(report, default=str)))  # exactly what llmopt.json holds
 
 
 def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verify_each, with_past,
@@ -198,7 +198,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
              check_plugins) -> dict[str, Any]:
     source_info: dict[str, Any]
     if hf_dir is not None:
-        from llmopt.export import export
+        from llmopt.exporter import export
 
         check_output_dir(out, [hf_dir])
         _log(progress, f"export  {hf_dir} (torch.onnx dynamo{', with KV cache I/O' if with_past else ''})")

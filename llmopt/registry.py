@@ -42,14 +42,15 @@ def register_pass(cls: type[Pass] | None = None, *, origin: str | None = None):
         raise TypeError(f"register_pass takes an llmopt Pass subclass, got {cls!r}")
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no name; set the class attribute `name`")
-    _load_builtins_and_plugins()  # a plugin must not take a built-in's name before it loads
+    builtin = cls.__module__.startswith("llmopt.passes.")
+    if not builtin:
+        _load_builtins_and_plugins()  # a plugin must not take a built-in's name before it loads
     existing = _PASSES.get(cls.name)
     if existing is not None and existing is not cls:
         raise ValueError(f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__} "
                          f"({_ORIGINS.get(cls.name)}); choose another name")
     _PASSES[cls.name] = cls
-    _ORIGINS[cls.name] = origin or _origin_hint or (
-        BUILTIN if cls.__module__.startswith("llmopt.passes.") else f"python module {cls.__module__}")
+    _ORIGINS[cls.name] = origin or _origin_hint or (BUILTIN if builtin else f"python module {cls.__module__}")
     return cls
 
 

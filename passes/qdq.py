@@ -12,6 +12,9 @@ the activation's scale and zero point calibrated by running the model over text 
 (minmax, percentile, entropy). Activations are int8 (symmetric, as the CUDA and TensorRT execution
 providers consume; the default) or uint8 with a zero point. Inputs shared by several MatMuls
 (packed QKV, gate/up) get one Q/DQ pair. ONNX Runtime fuses the pattern into its integer kernels.
+
+Each quantized weight's relative RMS error goes to the model's quantization-error metadata (see
+``quantize-dynamic``), as do embedding tables with ``gather=true`` (int8 rows).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.passes.quantize_dynamic import QuantizeDynamic
+from llmopt.passes.quantize_dynamic import QuantizeDynamic, dense_error, is_matmul
 from llmopt.pass_base import option
 from llmopt.quant_spec import CALIBRATION_METHODS, QuantSpec
 from llmopt.registry import register_pass
@@ -72,8 +75,7 @@ class QDQ(QuantizeDynamic):
 
         from llmopt import calibration
 
-        inputs = sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
-                         and n.domain in ("", "ai.onnx") and n.inputs[0] is not None
+        inputs = sorted({n.inputs[0].name for n in model.graph if is_matmul(n) and n.inputs[0] is not None
                          and self._constant_weight(n.inputs[1]) and not self._excluded(n.name)})
         batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
         obs = calibration.collect(model, inputs, batches, lambda _: [calibration.Histogram()])
@@ -116,6 +118,8 @@ class QDQ(QuantizeDynamic):
         scale, _ = spec.scale_zero_point(lo, hi)
         scale = (scale * np.float32(alpha)).astype(np.float32)
         q = np.clip(np.rint(w * np.float32(alpha) / scale), -127, 127).astype(np.int8)
+        if alpha:
+            self._record_error(base, dense_error(w, q, scale / np.float32(alpha)), 8, "rtn", None, node)
         wq = self._initializer(f"{base}_int8", q)
         ws = self._initializer(f"{base}_scale", scale)
         wz = self._initializer(f"{base}_zero_point", np.zeros(scale.shape, np.int8))

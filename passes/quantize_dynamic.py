@@ -1,8 +1,9 @@
 """`quantize-dynamic`: int8 weights, activations quantized at run time.
 
-- ``MatMul(x, W)``, ``MatMul(x, Transpose(W))`` and ``Gemm(x, W[, b])`` with a
-  constant 2-D ``W`` get symmetric int8 weights, lowered to one of two ONNX
-  Runtime kernels (``kernel`` option):
+- ``MatMul(x, W)``, ``MatMul(x, Transpose(W))``, ``Gemm(x, W[, b])`` and the fuse
+  pass's ``com.microsoft::FusedMatMul(x, W)`` (``transB``, ``alpha``; a tied lm_head
+  after ``fuse``) with a constant 2-D ``W`` get symmetric int8 weights, lowered to
+  one of two ONNX Runtime kernels (``kernel`` option):
 
   * ``nbits`` (default): ``com.microsoft::MatMulNBits`` with ``bits=8``, one
     scale per ``block_size`` input rows of each output column, and
@@ -13,18 +14,38 @@
     output channel (or per tensor) and the activation quantized per tensor.
 
   A following bias ``Add`` is folded into the kernel's bias input.
-- ``Gather(E, ids)`` on a constant embedding table becomes a Gather of int8
-  rows times a Gather of per-row scales.
+- ``Gather(E, ids)`` on a constant float32 embedding table becomes a Gather of int8
+  rows times a Gather of per-row scales (standard ops, so any execution provider
+  runs it; ``weight-only`` uses ``GatherBlockQuantized`` instead).
 
 Weights are read one tensor at a time (memory-mapped) and the float originals
-are dropped once nothing uses them. This is the first quantization of the
-spine; calibrated QDQ (static) quantization is a separate pass.
+are dropped once nothing uses them (a table tied to the lm_head through a
+Transpose goes when both its Gather and its MatMul are quantized). MatMuls are
+quantized before Gathers, so a subclass can reuse an lm_head's quantized table.
+This is the first quantization of the spine; calibrated QDQ (static)
+quantization is a separate pass.
+
+Every quantizing pass (this one, ``weight-only``, ``qdq``) records, per float
+weight it quantizes, the relative RMS error of the dequantized weight
+``‖W_deq − W‖ / ‖W‖`` (measured while that one tensor is in memory, in chunks),
+merged into ``model.metadata_props[QUANT_ERROR_KEY]`` as JSON
+``{weight name: {"rel_rmse", "pass", "bits", "method", "block_size"[, "scope"]}}``;
+the compile manifest reports it. ``method`` is ``rtn`` (round to nearest on the
+min/max range) or ``gptq``; ``block_size`` is null for per-channel, per-row or
+per-tensor scales; ``scope`` is the module that reads the weight when the
+exporter recorded it (torch.onnx names transposed weights ``val_NN``; the report
+places them in their layer by it). A table quantized twice (tied embeddings, two
+different copies) keeps the larger error.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import fnmatch
+import json
+import math
+from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
@@ -32,6 +53,7 @@ import onnx_ir as ir
 
 from llmopt import ir as irx
 from llmopt.pass_base import Pass, option
+from llmopt.quant_spec import QUANT_ERROR_KEY
 from llmopt.registry import register_pass
 
 MS_DOMAIN = "com.microsoft"
@@ -66,7 +88,7 @@ def quantize_symmetric(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.abs(w).max(axis=reduce, keepdims=True)
-    scale = (amax / 127.0).astype(np.float32)
+    scale = np.array(amax / 127.0, dtype=np.float32)  # an array even per tensor (0-d)
     scale[scale == 0] = 1.0
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return q, scale
@@ -91,6 +113,82 @@ def quantize_blockwise_u8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, n
     return q, scale.reshape(-1).astype(np.float32)
 
 
+def is_matmul(node: ir.Node) -> bool:
+    """A node this pass quantizes when its weight input is constant: MatMul, Gemm, or the fuse pass's
+    ``com.microsoft::FusedMatMul`` (e.g. a tied lm_head, ``x @ Transpose(E)``)."""
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type in ("MatMul", "Gemm")
+    return node.domain == MS_DOMAIN and node.op_type == "FusedMatMul"
+
+
+def module_scope(node: ir.Node) -> str | None:
+    """The module a node came from, as torch.onnx records it (``model.layers.0.mlp.down_proj``), or None."""
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return None
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(scopes, list):
+        return None
+    modules = [str(x) for x in scopes[:-1] if x]  # the last entry names the op, not a module
+    return modules[-1] if modules else None
+
+
+# -- quantization error --------------------------------------------------------
+
+_ERROR_CHUNK = 1 << 20  # elements per chunk when measuring an error (bounded temporaries)
+
+
+def rel_rmse(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """``‖deq − ref‖ / ‖ref‖`` over ``(ref, deq)`` chunks of one tensor (sums in float64)."""
+    err = norm = 0.0
+    for ref, deq in pairs:
+        ref = np.asarray(ref, np.float64)
+        d = np.asarray(deq, np.float64) - ref
+        err += float(np.vdot(d, d))
+        norm += float(np.vdot(ref, ref))
+    return math.sqrt(err / norm) if norm > 0 else 0.0
+
+
+def _chunks(rows: int, row_elements: int) -> list[slice]:
+    step = max(1, _ERROR_CHUNK // max(1, row_elements))
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
+def block_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero, block: int) -> float:
+    """Relative RMS error of MatMulNBits-layout blocks against ``w`` [K, N]: ``q`` [N, n_blocks, block]
+    integers, ``scale`` [N, n_blocks] (or flat), ``zero`` [N, n_blocks] or a scalar. Padding rows
+    dequantize to 0, so the padded layout measures the error of ``w`` itself."""
+    n, nb = q.shape[0], q.shape[1]
+    scale = np.reshape(scale, (n, nb, 1))
+    zero = np.reshape(zero, (n, nb, 1)) if np.ndim(zero) else zero
+
+    def pairs():
+        for s in _chunks(n, nb * block):
+            z = zero[s] if np.ndim(zero) else zero
+            yield blocks(w[:, s], block), (q[s].astype(np.float32) - z) * scale[s]
+
+    return rel_rmse(pairs())
+
+
+def dense_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero=0) -> float:
+    """Relative RMS error of ``(q - zero) * scale`` against ``w`` (same 2-D shape); ``scale`` and ``zero``
+    broadcast: per tensor, per column ([1, C] or [C]) or per row ([R, 1])."""
+    rows = w.shape[0]
+    scale = np.asarray(scale, np.float32)
+
+    def pick(a, s):
+        return a[s] if np.ndim(a) == w.ndim and np.shape(a)[0] == rows else a
+
+    def pairs():
+        for s in _chunks(rows, w[0].size):
+            yield w[s], (q[s].astype(np.float32) - pick(zero, s)) * pick(scale, s)
+
+    return rel_rmse(pairs())
+
+
 @register_pass
 class QuantizeDynamic(Pass):
     name = "quantize-dynamic"
@@ -100,18 +198,22 @@ class QuantizeDynamic(Pass):
     def run(self, model: ir.Model) -> bool:
         self._graph = model.graph
         self._names = {v.name for v in _all_values(model.graph)}
+        self._errors: dict[str, dict] = {}
         modified = False
-        for node in list(model.graph):
-            if node.domain not in ("", "ai.onnx"):
-                continue
-            if self.options.matmul and node.op_type in ("MatMul", "Gemm"):
-                modified |= self._matmul(node)
-            elif self.options.gather and node.op_type == "Gather":
-                modified |= self._gather(node)
+        # MatMuls first: a tied lm_head's quantized table may then serve its Gather too (weight-only).
+        if self.options.matmul:
+            for node in list(model.graph):
+                if is_matmul(node):
+                    modified |= self._matmul(node)
+        if self.options.gather:
+            for node in list(model.graph):
+                if node.domain in ("", "ai.onnx") and node.op_type == "Gather":
+                    modified |= self._gather(node)
         if modified:
             if not any(d == MS_DOMAIN for d in model.opset_imports):
                 model.opset_imports[MS_DOMAIN] = 1
             self._drop_unused_initializers()
+            self._write_errors(model)
         return modified
 
     # -- helpers ---------------------------------------------------------------
@@ -125,6 +227,32 @@ class QuantizeDynamic(Pass):
             name, i = f"{base}_{i}", i + 1
         self._names.add(name)
         return name
+
+    def _record_error(self, name: str, error: float, bits: int, method: str, block_size: int | None,
+                      node: ir.Node | None = None) -> None:
+        """Note the relative RMS error of the quantized copy of float weight ``name`` (read by ``node``)."""
+        entry = {"rel_rmse": round(float(error), 6), "pass": self.name, "bits": int(bits), "method": method,
+                 "block_size": None if block_size is None else int(block_size)}
+        scope = module_scope(node) if node is not None else None
+        if scope:
+            entry["scope"] = scope
+        old = self._errors.get(name)
+        if old is None or entry["rel_rmse"] > old["rel_rmse"]:
+            self._errors[name] = entry
+
+    def _write_errors(self, model: ir.Model) -> None:
+        """Merge this run's errors into the model's metadata (an earlier pass's entries stay)."""
+        if not self._errors:
+            return
+        try:
+            merged = json.loads(model.metadata_props.get(QUANT_ERROR_KEY) or "{}")
+        except ValueError:
+            merged = None
+        if not isinstance(merged, dict):
+            self.warn(f"metadata {QUANT_ERROR_KEY} was not a JSON object; replaced")
+            merged = {}
+        merged.update(self._errors)
+        model.metadata_props[QUANT_ERROR_KEY] = json.dumps(merged)
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = self._unique(base)
@@ -170,6 +298,17 @@ class QuantizeDynamic(Pass):
                 return False
             weight, transposed = found
             transposed ^= bool(attrs.get("transB", 0))
+        elif node.op_type == "FusedMatMul":  # com.microsoft: alpha * op(A) @ op(B), from the fuse pass
+            attrs = {k: v.value for k, v in node.attributes.items()}
+            if attrs.get("transA", 0) or attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0):
+                self.count("skipped.fused_matmul_attrs")
+                return False
+            alpha = float(attrs.get("alpha", 1.0))
+            found = self._constant_weight(b)
+            if found is None:
+                return False
+            weight, transposed = found
+            transposed ^= bool(attrs.get("transB", 0))
         else:
             found = self._constant_weight(b)
             if found is None:
@@ -181,14 +320,14 @@ class QuantizeDynamic(Pass):
         if self._excluded(node.name, weight.name):
             self.count("excluded")
             return False
-        w = weight.const_value.numpy().astype(np.float32)  # one tensor, memory-mapped
+        w = weight.const_value.numpy().astype(np.float32, copy=False)  # one tensor, memory-mapped
         if transposed:
             w = w.T
         n = w.shape[1]
         out = node.outputs[0]
         # A bias Add right after a MatMul becomes the fused op's bias input.
         consumer_add = None
-        if bias is None and node.op_type == "MatMul" and len(out.uses()) == 1 and not out.is_graph_output():
+        if bias is None and node.op_type != "Gemm" and len(out.uses()) == 1 and not out.is_graph_output():
             use = next(iter(out.uses()))
             cand = use.node
             if cand.op_type == "Add" and cand.domain in ("", "ai.onnx"):
@@ -220,6 +359,8 @@ class QuantizeDynamic(Pass):
         k, n = w.shape
         if self.options.kernel == "nbits":
             q, scale = quantize_blockwise_u8(w, self.options.block_size)
+            self._record_error(base, block_error(w, q, scale, 128, self.options.block_size), 8, "rtn",
+                               self.options.block_size, node)
             inputs = [a, self._initializer(f"{base}_q8", q), self._initializer(f"{base}_scales", scale * np.float32(alpha))]
             if bias is not None:
                 inputs += [None, None, bias]  # no zero points (default 128), no g_idx, then the bias
@@ -229,25 +370,39 @@ class QuantizeDynamic(Pass):
                             "accuracy_level": self.options.accuracy_level},
             )
         q, scale = quantize_symmetric(w, axis=1 if self.options.per_channel else None)
+        self._record_error(base, dense_error(w, q, scale), 8, "rtn", None, node)
         scale = (scale.reshape(-1) * np.float32(alpha)).astype(np.float32)
         inputs = [a, self._initializer(f"{base}_int8", q), self._initializer(f"{base}_scale", scale)]
         if bias is not None:
             inputs += [None, bias]  # no zero point (symmetric), then the bias
         return ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_dq")
 
-    def _gather(self, node: ir.Node) -> bool:
-        table, ids = node.inputs[0], node.inputs[1]
+    def _embedding_table(self, node: ir.Node) -> ir.Value | None:
+        """The constant float32 table [V, H] a ``Gather(axis=0)`` reads, unless excluded or too small."""
         axis = node.attributes.get("axis")
         if axis is not None and axis.as_int() != 0:
-            return False
-        found = self._constant_weight(table)
+            return None
+        found = self._constant_weight(node.inputs[0])
         if found is None or found[1]:
-            return False
+            return None
         weight = found[0]
+        if weight.const_value.dtype != ir.DataType.FLOAT:
+            self.count("skipped.non_fp32_table")
+            return None
         if self._excluded(node.name, weight.name):
             self.count("excluded")
+            return None
+        return weight
+
+    def _gather(self, node: ir.Node) -> bool:
+        ids = node.inputs[1]
+        weight = self._embedding_table(node)
+        if weight is None:
             return False
-        q, scale = quantize_symmetric(weight.const_value.numpy(), axis=0 if self.options.per_channel else None)
+        table = weight.const_value.numpy()
+        q, scale = quantize_symmetric(table, axis=0 if self.options.per_channel else None)
+        self._record_error(weight.name, dense_error(table, q, scale), 8, "rtn", None, node)
+        del table
         scale = np.broadcast_to(scale, (q.shape[0], 1)).astype(np.float32)
         base = weight.name or "embedding"
         q_init = self._initializer(f"{base}_int8", q)

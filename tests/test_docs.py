@@ -1,8 +1,9 @@
 """The examples in README.md and docs/*.md run, so the docs cannot go stale.
 
 In each file, in order and in one fresh directory: ```python blocks are executed (sharing one
-namespace), and every `$ llmopt ...` line of a ```console block is run; a trailing `# exit N`
-says which exit code to expect (default 0).
+namespace), a ```python file=NAME block is written to the file NAME instead (a plugin file the
+commands below it use), and every `$ llmopt ...` line of a ```console block is run; a trailing
+`# exit N` says which exit code to expect (default 0).
 """
 
 import re
@@ -14,12 +15,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"```(python|console)\n(.*?)```", re.S)
+BLOCK = re.compile(r"```(python|console)(?: file=(\S+))?\n(.*?)```", re.S)
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def _blocks(path):
-    return [(m.group(1), m.group(2)) for m in BLOCK.finditer(path.read_text())]
+    return [(m.group(1), m.group(2), m.group(3)) for m in BLOCK.finditer(path.read_text())]
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if _blocks(d)], ids=lambda p: p.name)
@@ -30,7 +31,10 @@ def test_doc_examples_run(doc, tmp_path, monkeypatch, exported):
 
         irx.save(irx.load(exported("llama", True)), tmp_path / "model.onnx")
     namespace: dict = {}
-    for kind, body in _blocks(doc):
+    for kind, file, body in _blocks(doc):
+        if file:
+            (tmp_path / file).write_text(body)
+            continue
         if kind == "python":
             exec(compile(body, f"{doc.name}", "exec"), namespace)
             continue

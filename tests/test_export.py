@@ -7,7 +7,7 @@ import torch
 import llmopt
 from llmopt import verify
 from llmopt.errors import InputError, OutputError
-from llmopt.export import export, load_hf_model
+from llmopt.exporter import export, load_hf_model
 from llmopt.models.architectures import ARCHITECTURES
 
 

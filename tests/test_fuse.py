@@ -57,7 +57,7 @@ def test_fuse_every_layer(exported, arch, with_past):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_density_at_most_15_nodes_per_layer(exported, hf_dirs, tmp_path, arch):
     """Nodes per decoder layer after fold,cleanup,fuse,cleanup: (nodes at 3 layers - at 2 layers)."""
-    from llmopt.export import export
+    from llmopt.exporter import export
     from llmopt.manager import run_pipeline
     from llmopt.models.architectures import build
 

@@ -1,4 +1,7 @@
-"""quantize-dynamic: exact graph rewrites on small graphs, numerics on real exports."""
+"""quantize-dynamic: exact graph rewrites on small graphs, numerics on real exports, per-weight
+quantization errors in the model's metadata."""
+
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -7,6 +10,8 @@ import pytest
 import llmopt
 from llmopt import verify
 from llmopt.models.architectures import ARCHITECTURES
+from llmopt.passes.quantize_dynamic import block_error, dense_error, quantize_blockwise_u8, quantize_symmetric
+from llmopt.quant_spec import QUANT_ERROR_KEY
 from llmopt.registry import get_pass
 
 
@@ -60,6 +65,11 @@ def test_matmul_with_bias_becomes_one_dynamic_quantize_matmul():
     assert list(node.inputs[2].const_value.shape) == [128]  # per output channel
     assert set(model.graph.initializers) == {"w_int8", "w_scale", "b"}
     assert dict(p.counters) == {"matmul": 1, "bias_folded": 1}
+    w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    deq = node.inputs[1].const_value.numpy() * node.inputs[2].const_value.numpy()
+    expected = np.linalg.norm(deq - w) / np.linalg.norm(w)
+    assert json.loads(model.metadata_props[QUANT_ERROR_KEY]) == {
+        "w": {"rel_rmse": pytest.approx(expected, abs=2e-6), "pass": "quantize-dynamic", "bits": 8, "method": "rtn", "block_size": None}}
     out = _run(model, _feeds())
     np.testing.assert_allclose(out["y0"], ref["y0"], atol=0.03 * np.abs(ref["y0"]).max())
     assert verify.compare(ref, out).cosine > 0.9995
@@ -106,6 +116,8 @@ def test_tied_embedding_gather_and_transposed_matmul():
     assert sorted(_ops(model)) == ["Cast", "Gather", "Gather", "MatMulNBits", "Mul"]
     assert "embed" not in model.graph.initializers  # float table dropped, Transpose gone
     assert dict(p.counters) == {"matmul": 1, "gather": 1}
+    errors = json.loads(model.metadata_props[QUANT_ERROR_KEY])
+    assert list(errors) == ["embed"] and 0 < errors["embed"]["rel_rmse"] < 0.02  # two copies, one entry
     out = _run(model, _feeds())
     rows = _feeds()["ids"]
     # dequantized rows are within half a quantization step of the original
@@ -113,6 +125,74 @@ def test_tied_embedding_gather_and_transposed_matmul():
     step = np.abs(table).max(1) / 127
     assert np.all(np.abs(out["y0"] - ref["y0"]) <= step[rows][..., None] / 2 + 1e-6)
     assert verify.compare({"l": ref["y1"]}, {"l": out["y1"]}).cosine > 0.9995
+
+
+@pytest.mark.parametrize("kernel", ["nbits", "dynamic"])
+def test_fused_matmul_with_transb_alpha_and_bias(kernel):
+    """The fuse pass turns x @ Transpose(W) (a tied lm_head) into com.microsoft::FusedMatMul."""
+    def build(g, x, ids, init):
+        fm = ir.node("FusedMatMul", [x, init("w", (128, 64))], domain="com.microsoft", attributes={"transB": 1, "alpha": 0.5})
+        add = ir.node("Add", [fm.outputs[0], init("b", (128,))])
+        g.extend([fm, add])
+        return [add.outputs[0]]
+
+    model = _graph(build)
+    model.opset_imports["com.microsoft"] = 1
+    ref = _run(model, _feeds())
+    p = get_pass("quantize-dynamic")(kernel=kernel)
+    assert p(model).modified and dict(p.counters) == {"matmul": 1, "bias_folded": 1}
+    assert _ops(model) == [{"nbits": "MatMulNBits", "dynamic": "DynamicQuantizeMatMul"}[kernel]]
+    assert set(model.graph.initializers) >= {"b"} and "w" not in model.graph.initializers
+    assert verify.compare(ref, _run(model, _feeds())).cosine > 0.9995
+    assert list(json.loads(model.metadata_props[QUANT_ERROR_KEY])) == ["w"]
+
+
+def test_fused_matmul_with_transposed_a_untouched():
+    def build(g, x, ids, init):
+        fm = ir.node("FusedMatMul", [x, init("w", (3, 128))], domain="com.microsoft", attributes={"transA": 1})
+        g.extend([fm])
+        return [fm.outputs[0]]
+
+    model = _graph(build)
+    p = get_pass("quantize-dynamic")(min_elements=0)
+    assert not p(model).modified and dict(p.counters) == {"skipped.fused_matmul_attrs": 1}
+    assert QUANT_ERROR_KEY not in model.metadata_props
+
+
+def test_error_helpers_match_the_dequantized_weights(monkeypatch):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((80, 24)).astype(np.float32)  # K = 80: a padded last block of 32
+    qb, sb = quantize_blockwise_u8(w, 32)
+    deq = ((qb.astype(np.float32) - 128) * sb.reshape(24, 3, 1)).reshape(24, -1)[:, :80].T
+    rel_block = np.linalg.norm(deq - w) / np.linalg.norm(w)
+    assert block_error(w, qb, sb, 128, 32) == pytest.approx(rel_block, rel=1e-6)
+    dense = []
+    for axis in (None, 0, 1):  # per tensor, per row, per column
+        q, scale = quantize_symmetric(w, axis)
+        rel = np.linalg.norm(q * scale - w) / np.linalg.norm(w)
+        assert dense_error(w, q, scale) == pytest.approx(rel, rel=1e-6)
+        assert 0 < rel < 0.02
+        dense.append((q, scale, rel))
+    monkeypatch.setattr("llmopt.passes.quantize_dynamic._ERROR_CHUNK", 100)  # many chunks: the same figures
+    assert block_error(w, qb, sb, 128, 32) == pytest.approx(rel_block, rel=1e-6)
+    for q, scale, rel in dense:
+        assert dense_error(w, q, scale) == pytest.approx(rel, rel=1e-6)
+
+
+def test_errors_merge_into_existing_metadata():
+    def build(g, x, ids, init):
+        mm = ir.node("MatMul", [x, init("w", (64, 128))])
+        g.extend([mm])
+        return [mm.outputs[0]]
+
+    model = _graph(build)
+    model.metadata_props[QUANT_ERROR_KEY] = json.dumps({"other": {"rel_rmse": 0.1, "pass": "weight-only", "bits": 4,
+                                                                  "method": "gptq", "block_size": 32}})
+    p = get_pass("quantize-dynamic")()
+    assert p(model).modified and not p.warnings
+    errors = json.loads(model.metadata_props[QUANT_ERROR_KEY])
+    assert set(errors) == {"other", "w"} and errors["other"]["method"] == "gptq"
+    assert errors["w"]["pass"] == "quantize-dynamic" and errors["w"]["block_size"] == 128
 
 
 def test_small_excluded_and_non_constant_weights_untouched():
@@ -128,6 +208,23 @@ def test_small_excluded_and_non_constant_weights_untouched():
     assert not p(model).modified
     assert dict(p.counters) == {"excluded": 1}
     assert _ops(model).count("MatMul") == 3
+
+
+def test_per_tensor_scales():
+    def build(g, x, ids, init):
+        mm = ir.node("MatMul", [x, init("w", (64, 128))])
+        gather = ir.node("Gather", [init("embed", (100, 64)), ids], attributes={"axis": 0})
+        g.extend([mm, gather])
+        return [mm.outputs[0], gather.outputs[0]]
+
+    model = _graph(build)
+    ref = _run(model, _feeds())
+    p = get_pass("quantize-dynamic")(kernel="dynamic", per_channel=False)
+    assert p(model).modified and dict(p.counters) == {"matmul": 1, "gather": 1}
+    out = _run(model, _feeds())
+    for k in ("y0", "y1"):
+        assert verify.compare({"l": ref[k]}, {"l": out[k]}).cosine > 0.999
+    assert set(json.loads(model.metadata_props[QUANT_ERROR_KEY])) == {"w", "embed"}
 
 
 @pytest.mark.parametrize("kernel", ["nbits", "dynamic"])
@@ -165,10 +262,25 @@ def test_real_exports_before_and_after(exported, arch, kernel):
     shapes = verify.default_shapes(True)
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(shapes)]
     before = verify.run_ir_model(model, feeds)
+    floats = _float_weights(model)
+    gathered = {n.inputs[0].name for n in model.graph if n.op_type == "Gather"}
     p = get_pass("quantize-dynamic")(min_elements=0, kernel=kernel, block_size=16)  # tiny: quantize every weight
     assert p(model).modified
+    errors = json.loads(model.metadata_props[QUANT_ERROR_KEY])
+    assert set(errors) == set(floats) - set(_float_weights(model))  # one entry per quantized weight
+    for name, e in errors.items():
+        assert 0 < e["rel_rmse"] < 0.05 and (e["pass"], e["bits"], e["method"]) == ("quantize-dynamic", 8, "rtn"), name
+        blockwise = 16 if kernel == "nbits" else None
+        # a tied table has two copies (rows for the Gather, the lm_head's): the entry is the worse one
+        assert e["block_size"] in ({blockwise, None} if name in gathered else {blockwise}), name
+        assert e["scope"].startswith("model."), e  # the module reading it, from the exporter's metadata
     assert p.counters["matmul"] >= 2 * 4 and p.counters["gather"] >= 1
     assert not any(n.op_type in ("MatMul", "Gemm") and n.inputs[1].is_initializer() for n in model.graph)
     after = verify.run_ir_model(model, feeds)
     figs = verify.worst([verify.compare(b, a) for b, a in zip(before, after)])
     assert figs.cosine > 0.999 and figs.max_abs < 0.05 and figs.top1 >= 0.8
+
+
+def _float_weights(model):
+    return {name for name, v in model.graph.initializers.items()
+            if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT and len(v.const_value.shape) == 2}

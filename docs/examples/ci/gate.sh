@@ -25,7 +25,8 @@ fi
 status=0
 llmopt compile "$MODEL" "${ARGS[@]}" --passes "$PIPELINE" || status=$?
 if [[ $status -ne 0 ]]; then
-  echo "::error::llmopt compile failed (exit $status); report: $OUT.report.json" >&2
+  [[ -f "$OUT.report.json" ]] && echo "report (which gate or threshold was missed, by how much): $OUT.report.json" >&2
+  echo "::error::llmopt compile failed (exit $status)" >&2
   exit "$status"
 fi
 llmopt report "$OUT" --markdown "$OUT.md"
