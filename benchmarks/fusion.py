@@ -44,7 +44,7 @@ GROUPS = {
 
 
 def export_arch(arch: str, layers: int, work: Path, with_past: bool) -> Path:
-    from llmopt.export import export
+    from llmopt.exporter import export
     from llmopt.models.architectures import build
 
     d = work / f"{arch}-{layers}"
@@ -103,7 +103,7 @@ def max_abs(src: Path, dst: Path) -> float:
 def speed(work: Path, pairs: int) -> dict:
     import subprocess
 
-    from llmopt.export import export
+    from llmopt.exporter import export
     from llmopt.models.architectures import build
 
     src = export(build("llama", work / "hf-llama50m", size="50m"), work / "llama50m.onnx", with_past=True)

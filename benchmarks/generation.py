@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt.export import export, reference_model_dir  # noqa: E402
+from llmopt.exporter import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import ARCHITECTURES, build  # noqa: E402
 from llmopt.runtime import Generator, greedy_by_recompute  # noqa: E402
 

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt import calibration, perplexity as pplx, timing, verify  # noqa: E402
 from llmopt import ir as irx  # noqa: E402
-from llmopt.export import export, reference_model_dir  # noqa: E402
+from llmopt.exporter import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 
 from _common import RESULTS, machine  # noqa: E402

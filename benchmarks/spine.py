@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llmopt  # noqa: E402
 from llmopt import perplexity as pplx, timing, verify  # noqa: E402
 from llmopt import ir as irx  # noqa: E402
-from llmopt.export import export, reference_model_dir  # noqa: E402
+from llmopt.exporter import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 
 from _common import RESULTS, machine, peak_rss_of  # noqa: E402
