@@ -106,17 +106,19 @@ def ort_tools(work: Path, tag: str, fused: Path, calib_source) -> dict[str, Path
 
 def qat_models(work: Path) -> dict[str, Path]:
     """QAT on the reference (200 steps through the int4 block-32 grid, builtin calibration text),
-    compiled with round-to-nearest (the grid it trained on) and, hybrid, with GPTQ on top."""
+    compiled with round-to-nearest (the grid it trained on) and, hybrid, with GPTQ on top, or with
+    statically calibrated int8 activations (qdq, as the static int8 row)."""
     from llmopt import qat
 
     log = qat.finetune(reference_model_dir(), work / "ref-qat", qat.QATSettings(steps=200, batch=8, lr=2e-5))
     print(f"qat: {log['seconds']}s, loss {log['first_loss']:.3f} -> {log['last_loss']:.3f}", flush=True)
     out = {}
-    for name, method in (("llmopt QAT (200 steps) + int4 block 32, round-to-nearest", "rtn"),
-                         ("llmopt hybrid: QAT weights + GPTQ, int4 block 32", "gptq")):
-        art = llmopt.compile(work / "ref-qat", target="cpu-int4", out=work / f"ref-qat-{method}", measure_speed=False,
-                             verify_model=False, eval_tokens=256,
-                             passes=f"fold,cleanup,fuse,kv-cache,weight-only{{bits=4,block_size=32,method={method}}},cleanup")
+    for name, step in (("llmopt QAT (200 steps) + int4 block 32, round-to-nearest", "weight-only{bits=4,block_size=32,method=rtn}"),
+                       ("llmopt hybrid: QAT weights + GPTQ, int4 block 32", "weight-only{bits=4,block_size=32,method=gptq}"),
+                       ("llmopt hybrid: QAT weights + static QDQ (calibrated activations, percentile)",
+                        "qdq{method=percentile,gather=true}")):
+        art = llmopt.compile(work / "ref-qat", target="cpu-int4", out=work / f"ref-qat-{len(out)}", measure_speed=False,
+                             verify_model=False, eval_tokens=256, passes=f"fold,cleanup,fuse,kv-cache,{step},cleanup")
         out[name] = art.model_path
     return out
 
