@@ -245,7 +245,7 @@ def main() -> None:
         for name in ref:
             rows[name] = {"size_ratio": size(ref[name]) / base_size, "perplexity": ppl[name]["perplexity"],
                           "perplexity_change": ppl[name]["perplexity"] / base_ppl - 1}
-            if name in big:  # QAT rows are reference-only (same graph and speed as cpu-int4)
+            if name in big:  # QAT rows are reference-only (same graph and speed as their post-training row)
                 rows[name].update(size_ratio_50m=size(big[name]) / size(big["fp32 (export)"]),
                                   decode_ms_50m=fast[name]["ms"], decode_speedup_50m=fast[name]["speedup"])
         result.update(rows=rows, eval_tokens=ppl["fp32 (export)"]["tokens"], rounds=args.pairs)
@@ -258,7 +258,7 @@ def main() -> None:
     for name, r in rows.items():
         if "decode_ms_50m" not in r:
             print(f"| {name} | {r['size_ratio']:.3f} / - | {r['perplexity']:.3f} | {r['perplexity_change']:+.2%} | "
-                  "(as cpu-int4) | (as cpu-int4) |")
+                  "- | - |")  # QAT rows: the same graph, hence speed, as their post-training row
             continue
         print(f"| {name} | {r['size_ratio']:.3f} / {r['size_ratio_50m']:.3f} | {r['perplexity']:.3f} | "
               f"{r['perplexity_change']:+.2%} | {r['decode_ms_50m']:.2f} | {r['decode_speedup_50m']:.2f}x |")
