@@ -74,21 +74,19 @@ class _Numerics:
 
     def outputs(self, model: ir.Model, where: str, error: type[LlmoptError] = VerificationError) -> list[dict]:
         try:
-            cm = verify.saved(model)
-            path = cm.__enter__()
+            with verify.saved(model) as path:
+                try:
+                    verify.check_onnx(path)
+                except Exception as exc:  # onnx.checker.ValidationError and friends
+                    raise error(f"{where} produced an invalid model (ONNX checker: {first_line(exc)})") from None
+                try:
+                    return verify.run_path(path, self.feeds)
+                except Exception as exc:  # ORT refuses to load or run it
+                    raise error(f"{where} produced a model ONNX Runtime cannot run: {first_line(exc)}") from None
+        except LlmoptError:
+            raise
         except Exception as exc:  # onnx_ir cannot even serialize it
             raise error(f"{where} produced a model that cannot be saved: {type(exc).__name__}: {first_line(exc)}") from None
-        try:
-            try:
-                verify.check_onnx(path)
-            except Exception as exc:  # onnx.checker.ValidationError and friends
-                raise error(f"{where} produced an invalid model (ONNX checker: {first_line(exc)})") from None
-            try:
-                return verify.run_path(path, self.feeds)
-            except Exception as exc:  # ORT refuses to load or run it
-                raise error(f"{where} produced a model ONNX Runtime cannot run: {first_line(exc)}") from None
-        finally:
-            cm.__exit__(None, None, None)
 
     def compare(self, reference: list[dict], outputs: list[dict]) -> tuple[dict, list[str]]:
         figs = verify.worst([verify.compare(r, o) for r, o in zip(reference, outputs)])
