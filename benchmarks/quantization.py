@@ -175,10 +175,10 @@ KERNEL_VARIANTS = {
 }
 
 
-def kernel_variants(work: Path, rounds: int) -> None:
-    """MatMulNBits variants of the ~50M Llama, round-robin; ratios against the first (cpu-int8)."""
-    hf = build("llama", work / "hf-llama50m", size="50m")
-    paths = [llmopt.compile(hf, target="cpu-int8", passes=p, out=work / f"k{i}", measure_speed=False,
+def kernel_variants(work: Path, rounds: int, size: str = "50m") -> None:
+    """MatMulNBits variants of the ~50M (or ~300M) Llama, round-robin; ratios against the first (cpu-int8)."""
+    src = export(build("llama", work / f"hf-llama{size}", size=size), work / f"llama{size}.onnx", with_past=True)
+    paths = [llmopt.compile(src, target="cpu-int8", passes=p, out=work / f"k{i}", measure_speed=False,
                             verify_model=False).model_path for i, p in enumerate(KERNEL_VARIANTS.values())]
     timed = speed(dict(zip(KERNEL_VARIANTS, paths)), rounds)
     print("\n| MatMulNBits variant | decode ms | speed vs cpu-int8 |\n|---|---|---|")
@@ -217,6 +217,7 @@ def main() -> None:
     ap.add_argument("--time", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--speed-only", action="store_true", help="only the 50M Llama speed column (prints a table)")
     ap.add_argument("--kernel-variants", action="store_true", help="int8 vs int4 MatMulNBits variants on the 50M Llama")
+    ap.add_argument("--size", default="50m", choices=("50m", "300m"), help="--kernel-variants: the Llama's size")
     ap.add_argument("--static-variants", action="store_true", help="calibration methods and SmoothQuant for qdq, reference perplexity")
     args = ap.parse_args()
     if args.time:
@@ -225,7 +226,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmopt-quant-") as tmp:
         work = Path(tmp)
         if args.kernel_variants:
-            return kernel_variants(work, args.pairs)
+            return kernel_variants(work, args.pairs, args.size)
         if args.static_variants:
             return static_variants(work)
         if args.speed_only:

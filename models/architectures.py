@@ -26,7 +26,7 @@ _TINY = dict(
 
 
 def config(arch: str, size: str = "tiny", layers: int | None = None):
-    """A transformers config for ``arch`` at ``size`` ('tiny' or '50m'); ``layers`` overrides the depth of 'tiny'."""
+    """A transformers config for ``arch`` at ``size`` ('tiny', '50m' or '300m'); ``layers`` overrides the depth of 'tiny'."""
     from transformers import AutoConfig
 
     if arch not in ARCHITECTURES:
@@ -55,7 +55,22 @@ def config(arch: str, size: str = "tiny", layers: int | None = None):
             num_key_value_heads=4,
             max_position_embeddings=2048,
         )
-    raise ValueError(f"unknown size {size!r}; 'tiny' or '50m'")
+    if size == "300m":
+        if arch != "llama":
+            raise ValueError("the 300m size is defined for llama only")
+        # 20 layers × 11.65M + 2 × 32.8M (embeddings, lm_head) ≈ 298M parameters (~1.19 GB fp32): weights far
+        # beyond a CPU's last-level cache, so a decode step is bound by memory bandwidth, as serving is
+        return AutoConfig.for_model(
+            "llama",
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=20,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+        )
+    raise ValueError(f"unknown size {size!r}; 'tiny', '50m' or '300m'")
 
 
 def build(arch: str, out: str | Path, size: str = "tiny", seed: int = 0, layers: int | None = None) -> Path:
