@@ -237,7 +237,7 @@ def eval_(
 
 @app.command()
 def report(
-    artifact: Path = typer.Argument(..., help="a compiled artifact (directory)"),
+    artifact: Path = typer.Argument(..., help="a compiled artifact (directory), or a compile report .json (e.g. a failed compile's --report)"),
     html: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report here"),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="write a Markdown report here"),
     bench_json: Optional[Path] = typer.Option(None, "--bench", help="a `llmopt bench ARTIFACT --json` output: adds latency per token vs position"),
@@ -271,14 +271,29 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # click usage errors (typer may bundle its own click) carry their own exit code
+        if _is_usage_error(exc):
             exc.show()
             sys.exit(exc.exit_code)
         raise
     sys.exit(0)
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    classes = []
+    try:
+        import click
+
+        classes.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    try:
+        from typer._click import exceptions as bundled  # typer >= 0.20 vendors click
+
+        classes.append(bundled.ClickException)
+    except ImportError:
+        pass
+    return isinstance(exc, tuple(classes))
 
 
 if __name__ == "__main__":

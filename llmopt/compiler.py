@@ -152,9 +152,10 @@ def compile(  # noqa: A001 - the public name users expect
     checked after they run unless ``check_plugins`` is false (see ``llmopt.plugins``).
 
     Raises ``VerificationError`` (exit code 1 on the CLI) when the compiled model misses
-    the target's thresholds, ``GateError`` (a VerificationError) when it misses a gate, and
-    ``PluginError`` (exit code 1) when a plugin pass fails; the artifact is then not written,
-    the report still is (to ``report_path`` if given, and on the exception's ``report``).
+    the target's thresholds and ``GateError`` (a VerificationError) when it misses a gate: the
+    artifact is then not written, the report still is (to ``report_path`` if given, and on the
+    exception's ``report``). ``PluginError`` (exit code 1) when a plugin pass fails: the pipeline
+    stopped, so there is no report, only the error naming the pass (and a reproducer file).
     """
     started = time.perf_counter()
     gates = Gates(max_ppl_increase, min_speedup)
@@ -172,6 +173,7 @@ def compile(  # noqa: A001 - the public name users expect
     if eval_text is None and hf_dir is not None and (hf_dir / "eval.txt").is_file() and (hf_dir / "tokenizer.json").is_file():
         eval_text = hf_dir / "eval.txt"
     gates.require(has_eval_text=eval_text is not None, measure_speed=measure_speed)
+    _check_inputs_before_work(model, hf_dir, eval_text, report_path)
     out = Path(out) if out is not None else Path(f"{Path(model).name.removesuffix('.onnx')}-{tgt.name}")
     work = Path(tempfile.mkdtemp(prefix="llmopt-work-"))
     try:
@@ -191,6 +193,19 @@ def compile(  # noqa: A001 - the public name users expect
     if report_path:
         _write_json(Path(report_path), report)
     return Artifact(out, json.loads(json.dumps(report, default=str)))  # exactly what llmopt.json holds
+
+
+def _check_inputs_before_work(model, hf_dir, eval_text, report_path) -> None:
+    """What would otherwise fail only after the pipeline, verification and timing ran."""
+    if eval_text is not None:
+        if not Path(eval_text).is_file():
+            raise InputError(f"{eval_text}: evaluation text not found; check the --eval-text path")
+        tok_dir = hf_dir if hf_dir is not None else irx.resolve_model_file(model).parent
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise InputError(f"{tok_dir.resolve()}: no tokenizer.json to tokenize --eval-text with; "
+                             "put the model's tokenizer.json next to the model")
+    if report_path is not None and Path(report_path).is_dir():
+        raise OutputError(f"--report {report_path}: is a directory; give a file path, e.g. {Path(report_path) / 'report.json'}")
 
 
 def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verify_each, with_past,

@@ -9,6 +9,7 @@ its ``gates`` list saying which was missed and by how much) still written to ``-
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from llmopt.errors import InputError, VerificationError
@@ -26,7 +27,7 @@ class Gates:
     def __post_init__(self):
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise InputError(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}")
-        if self.min_speedup is not None and self.min_speedup <= 0:
+        if self.min_speedup is not None and not (math.isfinite(self.min_speedup) and self.min_speedup > 0):
             raise InputError(f"--min-speedup must be > 0, got {self.min_speedup}")
 
     def __bool__(self) -> bool:
@@ -65,6 +66,11 @@ def parse_fraction(text: str, flag: str = "--max-ppl-increase") -> float:
     """``"1%"`` → 0.01; ``"0.01"`` → 0.01 (a bare number is a fraction)."""
     s = str(text).strip()
     try:
-        return float(s[:-1]) / 100 if s.endswith("%") else float(s)
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
     except ValueError:
         raise InputError(f"{flag} '{text}' is not a percentage or a fraction (e.g. 1% or 0.01)") from None
+    if not math.isfinite(value):
+        raise InputError(f"{flag} '{text}' is not a finite number (e.g. 1% or 0.01)")
+    if not s.endswith("%") and value >= 1:
+        raise InputError(f"{flag} {text}: a bare number is a fraction ({text} = {value:.0%}); did you mean {text}%?")
+    return value

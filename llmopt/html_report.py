@@ -506,6 +506,14 @@ def _summary(m: dict) -> Section:
     else:
         blocks.append(Note("Verification was skipped (--no-verify): the compiled logits were not compared with the "
                            "source's.", "warn"))
+    gates = m.get("gates") or []
+    if gates:
+        grows: list[list[Cell | str]] = [
+            [g["gate"], _c(fmt_num(g.get("value")), "num"), _c(fmt_num(g.get("limit")), "num"),
+             _c("PASS" if g["passed"] else "FAIL", "pass" if g["passed"] else "fail"), g.get("text", "")]
+            for g in gates]
+        blocks.append(Table(["gate", "measured", "limit", "result", ""], grows, "lrrll",
+                            caption=f"Gates: {'all passed' if all(g['passed'] for g in gates) else 'MISSED'}"))
     return Section("summary", "Summary: size, speed, accuracy", blocks)
 
 
@@ -1006,8 +1014,14 @@ def load_bench(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _open_manifest(artifact_dir: str | os.PathLike) -> dict[str, Any]:
+    """An artifact's llmopt.json, or a report file itself (e.g. the --report of a failed compile)."""
     from llmopt.compiler import Artifact
 
+    if Path(artifact_dir).is_file() and str(artifact_dir).endswith(".json"):
+        try:
+            return _check_manifest(json.loads(Path(artifact_dir).read_text()), str(artifact_dir))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{artifact_dir}: not JSON (line {exc.lineno}: {exc.msg})") from None
     try:
         art = Artifact.open(artifact_dir)
     except json.JSONDecodeError as exc:

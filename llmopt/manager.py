@@ -115,12 +115,19 @@ class _PluginGuard(_Numerics):
     ONNX Runtime, and give logits within the thresholds of the model it was given."""
 
     def before(self, model: ir.Model) -> list[dict] | None:
+        self.signature = _signature(model)
         try:
             return verify.run_ir_model(model, self.feeds)
         except Exception:  # e.g. a graph only another provider runs: numerics cannot be compared here
             return None
 
     def after(self, model: ir.Model, reference: list[dict] | None, where: str, record: PassRecord) -> list[str]:
+        (ins, outs), (new_ins, new_outs) = self.signature, _signature(model)
+        if new_ins != ins:
+            raise PluginError(f"{where} changed the model's inputs ({_diff(ins, new_ins)}); callers feed the "
+                              "inputs the model had (use --trust-plugins if this is intended)")
+        if outs.keys() - new_outs.keys():
+            raise PluginError(f"{where} removed model outputs ({_diff(outs, new_outs)}); callers read them")
         outputs = self.outputs(model, where, error=PluginError)
         if reference is None:
             return [f"{where}: its numerics were not checked (the model it was given does not run on the CPU provider)"]
@@ -132,6 +139,18 @@ class _PluginGuard(_Numerics):
         if misses:
             raise PluginError(f"{where} changed the logits beyond the thresholds: {'; '.join(misses)}")
         return []
+
+
+def _signature(model: ir.Model) -> tuple[dict[str, str], dict[str, str]]:
+    """Graph inputs and outputs: name → dtype."""
+    return tuple({v.name: str(v.dtype) for v in vs} for vs in (model.graph.inputs, model.graph.outputs))
+
+
+def _diff(old: dict[str, str], new: dict[str, str]) -> str:
+    parts = [f"removed {', '.join(sorted(old.keys() - new.keys()))}" if old.keys() - new.keys() else "",
+             f"added {', '.join(sorted(new.keys() - old.keys()))}" if new.keys() - old.keys() else "",
+             ", ".join(f"{k} {old[k]} -> {new[k]}" for k in sorted(old.keys() & new.keys()) if old[k] != new[k])]
+    return "; ".join(p for p in parts if p)
 
 
 class PassManager:
@@ -189,13 +208,20 @@ class PassManager:
 
     def _run_pass(self, model: ir.Model, spec: PassSpec, iteration: int | None) -> bool:
         cls = get_pass(spec.name)
-        instance: Pass = cls(make_options(cls.Options, dict(spec.options), spec.name))
-        instance.explain = spec.name in self.explain
         index = len(self._records) + 1
-        if self.on_start:
-            self.on_start(index, spec)
         builtin = registry.is_builtin(spec.name)
         where = f"pass #{index} '{spec.name}'" + ("" if builtin else f" ({registry.origin(spec.name)})")
+        options = make_options(cls.Options, dict(spec.options), spec.name)
+        try:
+            instance: Pass = cls(options)
+        except Exception as exc:
+            if builtin:
+                raise
+            raise PluginError(f"{where} cannot be created: {type(exc).__name__}: {first_line(exc)}"
+                              f"{plugin_frame(exc, cls)} (a pass takes its Options as its one argument)") from None
+        instance.explain = spec.name in self.explain
+        if self.on_start:
+            self.on_start(index, spec)
         guarded = not builtin and self.check_plugins
         if guarded:  # inputs drawn for the model as this pass gets it (an earlier pass may add a cache)
             guard = _PluginGuard(model, self.thresholds)
@@ -204,8 +230,10 @@ class PassManager:
         start = time.perf_counter()
         try:
             result = instance(model)
-        except LlmoptError:
-            raise
+        except LlmoptError as exc:
+            if builtin:
+                raise
+            raise type(exc)(f"{where}: {exc}") from None  # the plugin's own message, said where
         except Exception as exc:
             path = self._write_reproducer(spec, exc)
             if not builtin:  # the user's code: say which pass and where, no traceback
@@ -244,12 +272,17 @@ class PassManager:
 
     def _write_reproducer(self, spec: PassSpec, exc: BaseException) -> Path:
         fd, name = tempfile.mkstemp(prefix="llmopt-crash-", suffix=".json")
+        files = registry.plugin_files()
+        plugins = sorted({str(files[s.name]) for s in self.pipeline.pass_specs() if s.name in files})
+        source = str(Path(self.source).resolve()) if self.source and Path(self.source).exists() else self.source
+        plugin_args = "".join(f" --plugin {p}" for p in plugins)
         info = {
             "pipeline": str(self.pipeline),
             "failed_pass": str(spec),
-            "input": self.source,
-            "reproduce": f"llmopt compile {self.source} --passes '{self.pipeline}' --no-verify -o /tmp/repro"
-            if self.source
+            "input": source,
+            "plugins": plugins,
+            "reproduce": f"llmopt compile {source} --passes '{self.pipeline}'{plugin_args} --no-verify -o /tmp/repro"
+            if source
             else None,
             "error": "".join(traceback.format_exception_only(type(exc), exc)).strip(),
         }

@@ -59,7 +59,7 @@ class Pass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     def count(self, key: str, n: int = 1) -> None:
-        self.counters[key] += n
+        self.counters[key] += int(n)  # counters are integers (the report's schema says so)
 
     def warn(self, message: str) -> None:
         """Something the user should know (the compile report and summary list it); not an error."""
@@ -113,6 +113,8 @@ def make_options(options_cls: type, raw: dict[str, Any], pass_name: str = "") ->
         return options_cls(**values)
     except (ValueError, TypeError) as exc:  # __post_init__ validation
         raise PipelineError(f"{where}: {exc}") from None
+    except Exception as exc:  # e.g. a plugin validating with `assert`
+        raise PipelineError(f"{where}: {type(exc).__name__}: {str(exc).strip() or 'options rejected'}") from None
 
 
 _TRUE = {"true", "1", "yes", "on"}

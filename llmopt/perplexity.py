@@ -18,14 +18,17 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise InputError(f"{model_dir}: no tokenizer.json; give token ids instead of text")
+        raise InputError(f"{Path(model_dir).resolve()}: no tokenizer.json; put the model's tokenizer.json there "
+                         "(`llmopt eval` also takes --tokenizer DIR)")
     return Tokenizer.from_file(str(path))
 
 
 def tokenize_file(tokenizer, text_file: str | os.PathLike, max_tokens: int | None = None) -> np.ndarray:
     p = Path(text_file)
     if not p.is_file():
-        raise InputError(f"{p}: evaluation text not found; check the --eval-text path")
+        raise InputError(f"{p}: evaluation text not found; check the path given to --eval-text (compile) or --text (eval)")
+    if max_tokens is not None and max_tokens < 0:
+        raise InputError(f"--tokens {max_tokens}: must be >= 0 (0 means the whole text)")
     ids = tokenizer.encode(p.read_text(encoding="utf-8")).ids
     if max_tokens:
         ids = ids[:max_tokens]
@@ -35,6 +38,15 @@ def tokenize_file(tokenizer, text_file: str | os.PathLike, max_tokens: int | Non
 def perplexity(session, token_ids: np.ndarray, window: int = 128, batch: int = 8) -> dict[str, float]:
     """exp(mean NLL) over non-overlapping windows; each window's first token is context only."""
     inputs = {i.name: i for i in session.get_inputs()}
+    if window < 2:
+        raise InputError(f"--window {window}: a window needs at least 2 tokens (one of context, one predicted)")
+    outputs = session.get_outputs()
+    logits = verify.logits_name(o.name for o in outputs)
+    shape = next(o.shape for o in outputs if o.name == logits)
+    vocab = shape[-1] if shape and isinstance(shape[-1], int) else None
+    if vocab is not None and len(token_ids) and int(token_ids.max()) >= vocab:
+        raise InputError(f"token id {int(token_ids.max())} is outside the model's vocabulary of {vocab}: the tokenizer "
+                         "is not this model's; give the model's own (`llmopt eval --tokenizer DIR`)")
     n = (len(token_ids) // window) * window
     if n == 0:
         raise InputError(f"evaluation text has {len(token_ids)} tokens; need at least {window}")

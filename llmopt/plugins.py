@@ -40,10 +40,11 @@ def load_plugin_file(path: str | os.PathLike) -> list[str]:
     resolved = p.resolve()
     module_name = f"llmopt_plugin_{p.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
     if module_name in sys.modules:  # the same file twice (e.g. two compiles in one process)
-        return _passes_of(sys.modules[module_name])
+        return [name for name, path in registry.plugin_files().items() if path == resolved]
     spec = importlib.util.spec_from_file_location(module_name, resolved)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    before = set(registry.all_passes())
     registry.set_origin_hint(f"plugin file {p}")
     try:
         spec.loader.exec_module(module)
@@ -53,14 +54,17 @@ def load_plugin_file(path: str | os.PathLike) -> list[str]:
                           f"{first_line(exc)}") from None
     finally:
         registry.set_origin_hint(None)
-    names = []
+    names = sorted(set(registry.all_passes()) - before)  # registered while it ran (register_pass, rule_pass)
     for cls in _passes_of_classes(module):
         if registry.registered(cls.name) is not cls:
             try:
                 registry.register_pass(cls, origin=f"plugin file {p}")
             except ValueError as exc:  # a name clash
                 raise PluginError(f"plugin file {p}: {exc}") from None
-        names.append(cls.name)
+        if cls.name not in names:
+            names.append(cls.name)
+    for name in names:
+        registry.set_plugin_file(name, resolved)
     if not names:
         raise PluginError(f"plugin file {p} defines no llmopt pass (a Pass subclass with a `name`); "
                           "see docs/writing-passes.md")
@@ -72,10 +76,6 @@ def _passes_of_classes(module) -> list[type[Pass]]:
         obj for _, obj in inspect.getmembers(module, inspect.isclass)
         if issubclass(obj, Pass) and obj.__module__ == module.__name__ and obj.name
     ]
-
-
-def _passes_of(module) -> list[str]:
-    return [cls.name for cls in _passes_of_classes(module)]
 
 
 def _where(exc: BaseException, file: Path) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import pkgutil
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ _ORIGINS: dict[str, str] = {}
 _TARGETS: dict[str, "Target"] = {}
 _loaded = False
 _origin_hint: str | None = None
+_PLUGIN_FILES: dict[str, "os.PathLike"] = {}
 BUILTIN = "built-in"
 
 
@@ -44,9 +46,11 @@ def register_pass(cls: type[Pass] | None = None, *, origin: str | None = None):
         raise ValueError(f"{cls.__qualname__} has no name; set the class attribute `name`")
     builtin = cls.__module__.startswith("llmopt.passes.")
     if not builtin:
+        _check_options_class(cls)
         _load_builtins_and_plugins()  # a plugin must not take a built-in's name before it loads
     existing = _PASSES.get(cls.name)
-    if existing is not None and existing is not cls:
+    rerun = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
+    if existing is not None and existing is not cls and not rerun:  # a notebook cell run twice replaces its pass
         raise ValueError(f"pass name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__} "
                          f"({_ORIGINS.get(cls.name)}); choose another name")
     _PASSES[cls.name] = cls
@@ -54,10 +58,33 @@ def register_pass(cls: type[Pass] | None = None, *, origin: str | None = None):
     return cls
 
 
+def _check_options_class(cls: type[Pass]) -> None:
+    """A plugin's Options must be a dataclass whose annotations resolve (``llmopt passes`` and pipelines read them)."""
+    import dataclasses
+    import typing
+
+    if not dataclasses.is_dataclass(cls.Options):
+        raise ValueError(f"pass '{cls.name}': Options must be a frozen dataclass (see llmopt.pass_base.option)")
+    try:
+        typing.get_type_hints(cls.Options)
+    except Exception as exc:  # e.g. a name used in an annotation but never imported
+        raise ValueError(f"pass '{cls.name}': the annotations of its Options do not resolve "
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
 def set_origin_hint(origin: str | None) -> None:
     """While a plugin module is imported, passes it registers are attributed to it."""
     global _origin_hint
     _origin_hint = origin
+
+
+def set_plugin_file(name: str, path) -> None:
+    _PLUGIN_FILES[name] = path
+
+
+def plugin_files() -> dict[str, "os.PathLike"]:
+    """Pass name → the --plugin file it came from (for reproducers)."""
+    return dict(_PLUGIN_FILES)
 
 
 def registered(name: str) -> type[Pass] | None:
@@ -107,7 +134,12 @@ def _load_builtins_and_plugins() -> None:
         except ValueError as exc:
             raise PluginError(f"plugin {where}: {exc}") from None
     for ep in metadata.entry_points(group="llmopt.targets"):
-        register_target(ep.load())
+        where = f"entry point '{ep.name}' = {ep.value}" + (f" of {ep.dist.name} {ep.dist.version}" if ep.dist else "")
+        try:
+            register_target(ep.load())
+        except Exception as exc:
+            raise PluginError(f"target plugin {where} failed to load: {type(exc).__name__}: {first_line(exc)}; "
+                              "fix or uninstall that package") from None
 
 
 def get_pass(name: str) -> type[Pass]:

@@ -60,6 +60,10 @@ def test_missed_gates_fail_with_exit_1_and_keep_the_report(tmp_path):
     validate(r, "compile-report")
     assert [g["passed"] for g in r["gates"]] == [False, False] and "seconds" not in r
     assert r["gates"][0]["value"] == r["accuracy"]["perplexity_change"] > 0.01
+    res = cli("report", report, "--markdown", tmp_path / "failed.md")  # a failed compile's report renders too
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = (tmp_path / "failed.md").read_text()
+    assert "Gates: MISSED" in md and "max_ppl_increase" in md and "FAIL" in md
 
 
 def test_gates_needing_a_measurement_fail_before_any_work(tmp_path, llama_onnx):
@@ -128,3 +132,25 @@ def test_ci_example_script_passes_then_fails_on_a_broken_plugin(tmp_path):
     assert "'scale-first-weight' (plugin file" in broken.stderr and "changed the logits" in broken.stderr
     assert "::error::llmopt compile failed (exit 1)" in broken.stderr
     assert not (tmp_path / "broken").exists()
+
+
+def test_inputs_checked_before_any_work(tmp_path, llama_onnx):
+    res = cli("compile", llama_onnx, "-o", tmp_path / "a", "--eval-text", tmp_path / "missing.txt")
+    assert res.returncode == 2 and "evaluation text not found" in res.stderr and "pass " not in res.stderr
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    res = cli("compile", llama_onnx, "-o", tmp_path / "a", "--eval-text", text)  # the tiny model has no tokenizer
+    assert res.returncode == 2 and "no tokenizer.json to tokenize --eval-text" in res.stderr and "pass " not in res.stderr
+    res = cli("compile", llama_onnx, "-o", tmp_path / "a", "--report", tmp_path)
+    assert res.returncode == 2 and "is a directory" in res.stderr and "pass " not in res.stderr
+    res = cli("compile", llama_onnx, "-o", tmp_path / "a", "--max-ppl-increase", "1", "--eval-text", EVAL_TEXT)
+    assert res.returncode == 2 and "did you mean 1%?" in res.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_eval_bad_input_is_one_line(gated):
+    for args, needle in ((["--window", "1"], "at least 2 tokens"), (["--tokens", "-5"], "must be >= 0")):
+        res = cli("eval", gated.path, "--text", EVAL_TEXT, *args)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+    res = cli("eval", gated.path)  # a usage error (missing --text): click's message, exit 2, no traceback
+    assert res.returncode == 2 and "Missing option '--text'" in res.stderr and "Traceback" not in res.stderr

@@ -240,3 +240,64 @@ def test_example_package_installs_and_runs(tmp_path, llama_onnx):
     assert rec["counters"]["guards_removed"] == 2 and rec["nodes_after"] == rec["nodes_before"] - 4
     assert rec["counters"]["tensors_by_reference"] > 0 and "bytes_loaded" not in rec["counters"]  # weights not read
     assert rec["verify"]["figures"]["max_abs"] == 0.0 and manifest["verification"]["passed"]
+
+
+RULE_PASS_FILE = """
+    from llmopt.rules import Rule, rule_pass
+
+    @rule_pass("file-rsqrt")
+    class Rsqrt(Rule):
+        def pattern(self, op, x):
+            return op.Reciprocal(op.Sqrt(x))
+
+        def rewrite(self, op, x):
+            return op.Pow(x, op.Constant(value_float=-0.5))
+"""
+
+DROPS_OUTPUT = """
+    from llmopt import Pass
+
+    class DropOutput(Pass):
+        name = "drop-output"
+        summary = "removes the last graph output"
+
+        def run(self, model):
+            model.graph.outputs.pop()
+            return True
+"""
+
+BAD_OPTIONS = """
+    from llmopt import Pass
+
+    class NotADataclass:
+        factor = 1
+
+    class BadOptions(Pass):
+        name = "bad-options"
+        summary = "its Options is not a dataclass"
+        Options = NotADataclass
+
+        def run(self, model):
+            return False
+"""
+
+
+def test_rule_pass_in_a_plugin_file_and_its_reproducer(tmp_path, llama_onnx):
+    plugin = write_plugin(tmp_path, "rulefile", RULE_PASS_FILE)
+    assert llmopt.load_plugin(plugin) == ["file-rsqrt"] == llmopt.load_plugin(plugin)  # twice: same answer
+    res = cli("passes", "--plugin", plugin)
+    assert res.returncode == 0 and any(ln.startswith("file-rsqrt") for ln in res.stdout.splitlines()), res.stderr
+    bad = write_plugin(tmp_path, "explodes", RAISES)
+    res = cli("compile", llama_onnx, "-o", tmp_path / "a", "--no-speed", "--plugin", bad, "--passes", "fold,explode")
+    assert_one_line_error(res, 1, "'explode'")
+    repro = json.loads(Path(res.stderr.strip().rsplit("reproducer: ", 1)[1].rstrip(")")).read_text())
+    assert repro["plugins"] == [str(bad.resolve())] and f"--plugin {bad.resolve()}" in repro["reproduce"]
+    assert repro["input"] == str(Path(llama_onnx).resolve())
+
+
+def test_plugin_that_drops_an_output_or_has_bad_options(tmp_path, llama_onnx):
+    plugin = write_plugin(tmp_path, "drops", DROPS_OUTPUT)
+    res = cli("compile", llama_onnx, "-o", tmp_path / "a", "--no-speed", "--plugin", plugin, "--passes", "fold,drop-output")
+    assert_one_line_error(res, 1, "'drop-output' (plugin file", "removed model outputs (removed present.1.value)")
+    res = cli("passes", "--plugin", write_plugin(tmp_path, "badopts", BAD_OPTIONS))
+    assert_one_line_error(res, 1, "pass 'bad-options': Options must be a frozen dataclass")
