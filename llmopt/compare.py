@@ -59,7 +59,8 @@ def _check(m: Any, which: str) -> dict:
 def compare_reports(a: dict, b: dict) -> dict[str, Any]:
     """Rows comparing manifest ``a`` with manifest ``b``, and the ops whose counts differ.
 
-    Returns ``{"rows": [{"label", "a", "b", "unit", "ratio", "delta", "same"}], "ops": [{"op", "a", "b", "delta"}]}``;
+    Returns ``{"rows": [{"label", "a", "b", "unit", "ratio", "delta", "same"}], "ops": [{"op", "a", "b", "delta"}]}``
+    (``ops`` is None when a manifest has no op histogram);
     ``ratio`` is B/A (sizes, times, counts that scale), ``delta`` is B - A (fractions, figures near 1, warnings),
     ``same`` says whether text values match; the unused ones are None.
     """
@@ -92,8 +93,10 @@ def compare_reports(a: dict, b: dict) -> dict[str, Any]:
         _row("warnings", len(a.get("warnings") or []), len(b.get("warnings") or []), _DELTA),
         _row("compile seconds", a.get("seconds"), b.get("seconds"), _RATIO, "s"),
     ]
-    ops_a = _get(a, "artifact", "ops") or {}
-    ops_b = _get(b, "artifact", "ops") or {}
+    ops_a = _get(a, "artifact", "ops")
+    ops_b = _get(b, "artifact", "ops")
+    if ops_a is None or ops_b is None:  # a manifest from before op histograms were recorded
+        return {"rows": rows, "ops": None}
     ops = [{"op": op, "a": ops_a.get(op, 0), "b": ops_b.get(op, 0), "delta": ops_b.get(op, 0) - ops_a.get(op, 0)}
            for op in set(ops_a) | set(ops_b) if ops_a.get(op, 0) != ops_b.get(op, 0)]
     ops.sort(key=lambda r: (-abs(r["delta"]), r["op"]))
@@ -167,7 +170,10 @@ def format_compare(a_name: str, a: dict, b_name: str, b: dict, width: int = 60) 
         body.append([row["label"], _shorten(_fmt_value(row["a"], row["unit"]), width),
                      _shorten(_fmt_value(row["b"], row["unit"]), width), _fmt_change(row)])
     lines = _table(["", name_a, name_b, "B vs A"], body, {3})
-    if result["ops"]:
+    if result["ops"] is None:
+        lines.append("")
+        lines.append("op histograms: not recorded in one of the manifests (compiled by an older llmopt)")
+    elif result["ops"]:
         lines.append("")
         lines += _table(["op (counts differ)", "A", "B", "delta"],
                         [[r["op"], str(r["a"]), str(r["b"]), f"{r['delta']:+d}"] for r in result["ops"]], {1, 2, 3})

@@ -301,3 +301,20 @@ def test_plugin_that_drops_an_output_or_has_bad_options(tmp_path, llama_onnx):
     assert_one_line_error(res, 1, "'drop-output' (plugin file", "removed model outputs (removed present.1.value)")
     res = cli("passes", "--plugin", write_plugin(tmp_path, "badopts", BAD_OPTIONS))
     assert_one_line_error(res, 1, "pass 'bad-options': Options must be a frozen dataclass")
+
+
+def test_a_notebook_cell_run_twice_replaces_its_pass():
+    cell = ("from llmopt import Pass, register_pass\n"
+            "@register_pass\nclass Cell(Pass):\n    name = 'notebook-pass'\n    summary = 'v'\n"
+            "    def run(self, model):\n        return False\n")
+    try:
+        first, second = {"__name__": "notebook"}, {"__name__": "notebook"}
+        exec(cell, first)
+        exec(cell, second)  # same module and class name: the new definition wins, no "name is taken"
+        assert _PASSES["notebook-pass"] is second["Cell"] is not first["Cell"]
+        other = {"__name__": "elsewhere"}
+        with pytest.raises(ValueError, match="pass name 'notebook-pass' is taken"):
+            exec(cell, other)
+    finally:
+        _PASSES.pop("notebook-pass", None)
+        _ORIGINS.pop("notebook-pass", None)
