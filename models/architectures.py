@@ -25,6 +25,17 @@ _TINY = dict(
 )
 
 
+LLAMA_SIZES = {
+    # 8 layers × 3.15M + 2 × 12.6M (embeddings, lm_head) ≈ 50.3M parameters (~201 MB fp32)
+    "50m": dict(vocab_size=24576, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=4),
+    # 20 layers × 11.65M + 2 × 32.8M ≈ 298M parameters (~1.19 GB fp32): weights far beyond a CPU's
+    # last-level cache, so a decode step streams them from memory, as serving does
+    "300m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=20,
+                 num_attention_heads=16, num_key_value_heads=8),
+}
+
+
 def config(arch: str, size: str = "tiny", layers: int | None = None):
     """A transformers config for ``arch`` at ``size`` ('tiny', '50m' or '300m'); ``layers`` overrides the depth of 'tiny'."""
     from transformers import AutoConfig
@@ -41,35 +52,10 @@ def config(arch: str, size: str = "tiny", layers: int | None = None):
         if arch == "gemma":
             kw["head_dim"] = 16
         return AutoConfig.for_model(arch, **kw)
-    if size == "50m":
+    if size in LLAMA_SIZES:
         if arch != "llama":
-            raise ValueError("the 50m size is defined for llama only")
-        # 8 layers × 3.15M + 2 × 12.6M (embeddings, lm_head) ≈ 50.3M parameters (~201 MB fp32)
-        return AutoConfig.for_model(
-            "llama",
-            vocab_size=24576,
-            hidden_size=512,
-            intermediate_size=1536,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-        )
-    if size == "300m":
-        if arch != "llama":
-            raise ValueError("the 300m size is defined for llama only")
-        # 20 layers × 11.65M + 2 × 32.8M (embeddings, lm_head) ≈ 298M parameters (~1.19 GB fp32): weights far
-        # beyond a CPU's last-level cache, so a decode step is bound by memory bandwidth, as serving is
-        return AutoConfig.for_model(
-            "llama",
-            vocab_size=32000,
-            hidden_size=1024,
-            intermediate_size=2816,
-            num_hidden_layers=20,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            max_position_embeddings=2048,
-        )
+            raise ValueError(f"the {size} size is defined for llama only")
+        return AutoConfig.for_model("llama", max_position_embeddings=2048, **LLAMA_SIZES[size])
     raise ValueError(f"unknown size {size!r}; 'tiny', '50m' or '300m'")
 
 
