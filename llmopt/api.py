@@ -120,9 +120,10 @@ def _tokenizer_dir(model_file: Path, baseline) -> Path:
 
 def _providers(model_file: Path) -> tuple[str, ...]:
     """The providers an artifact is verified on (a CUDA artifact's graph also runs on CPU)."""
-    manifest = model_file.parent / "llmopt.json"
-    if manifest.is_file():
-        return tuple(json.loads(manifest.read_text()).get("target", {}).get("verify_providers") or ("CPUExecutionProvider",))
+    from llmopt.compiler import MANIFEST, Artifact
+
+    if (model_file.parent / MANIFEST).is_file():
+        return tuple(Artifact.open(model_file.parent).report["target"].get("verify_providers") or ("CPUExecutionProvider",))
     return ("CPUExecutionProvider",)
 
 

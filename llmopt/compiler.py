@@ -31,6 +31,7 @@ from llmopt.quant_spec import QUANT_ERROR_KEY
 from llmopt.pipeline import Pipeline, load_recipe, parse
 from llmopt.plugins import load_plugin_file
 from llmopt.registry import get_target
+from llmopt.report import load_json, write_atomic
 
 MANIFEST = "llmopt.json"
 SCHEMA = "llmopt/compile-report/v1"  # llmopt/schemas/compile-report.v1.json; bump on an incompatible change
@@ -76,7 +77,7 @@ class Artifact:
         manifest = p / MANIFEST
         if not manifest.is_file():
             raise InputError(f"{p}: not an llmopt artifact (no {MANIFEST}); compile a model into it first")
-        return cls(p, json.loads(manifest.read_text()))
+        return cls(p, load_json(manifest, "recompile the artifact"))
 
 
 def _log(progress: Callable[[str], None] | None, msg: str) -> None:
@@ -417,10 +418,7 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _cpu_model() -> str:

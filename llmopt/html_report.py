@@ -14,12 +14,11 @@ import math
 import os
 import re
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from llmopt.errors import InputError, OutputError
-from llmopt.report import human_bytes
+from llmopt.errors import InputError
+from llmopt.report import human_bytes, load_json, write_atomic
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f", "#bab0ac")
 
@@ -1005,12 +1004,7 @@ def load_bench(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such bench report; write one with `llmopt bench ART --json > {p}`")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        where = f" (line {exc.lineno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise InputError(f"{p}: not JSON{where}; write it with `llmopt bench ART --json > {p}`") from None
-    return check_bench(data, str(p))
+    return check_bench(load_json(p, f"write it with `llmopt bench ART --json > {p}`"), str(p))
 
 
 def _open_manifest(artifact_dir: str | os.PathLike) -> dict[str, Any]:
@@ -1018,35 +1012,8 @@ def _open_manifest(artifact_dir: str | os.PathLike) -> dict[str, Any]:
     from llmopt.compiler import Artifact
 
     if Path(artifact_dir).is_file() and str(artifact_dir).endswith(".json"):
-        try:
-            return _check_manifest(json.loads(Path(artifact_dir).read_text()), str(artifact_dir))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{artifact_dir}: not JSON (line {exc.lineno}: {exc.msg})") from None
-    try:
-        art = Artifact.open(artifact_dir)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{artifact_dir}: llmopt.json is not JSON (line {exc.lineno}: {exc.msg})") from None
-    return _check_manifest(art.report, f"{artifact_dir}/llmopt.json")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory; give a file name for the report")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return _check_manifest(load_json(artifact_dir), str(artifact_dir))
+    return _check_manifest(Artifact.open(artifact_dir).report, f"{artifact_dir}/llmopt.json")
 
 
 def write_report(artifact_dir: str | os.PathLike, html: Path | None = None, markdown: Path | None = None,
