@@ -13,9 +13,11 @@ and ratios are medians over the repeats, so a noisy machine moves both alike.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +27,8 @@ from typing import Any, Callable
 import numpy as np
 
 from llmopt import ir as irx
+from llmopt import machine
+from llmopt.atomic import write_atomic
 from llmopt.errors import InputError
 from llmopt.runtime import Generator
 
@@ -47,10 +51,19 @@ class BenchSettings:
             raise InputError("--batch takes positive sizes, e.g. --batch 1,4,8")
         if self.repeats < 1:
             raise InputError("--repeats must be >= 1")
+        if self.threads < 1:
+            raise InputError(f"--threads {self.threads}: must be >= 1 (the intra-op threads ONNX Runtime uses)")
 
 
 def memory_bandwidth(threads: int, megabytes: int = 512, rounds: int = 5) -> float:
-    """Bytes per second read by ``threads`` threads summing disjoint parts of one large buffer (best of rounds)."""
+    """Bytes per second read by ``threads`` threads summing disjoint parts of one large buffer (best of
+    rounds). Measured in a child process, so its buffer never counts in this process's peak RSS."""
+    code = f"from llmopt.bench import _bandwidth_probe; print(_bandwidth_probe({int(threads)}, {int(megabytes)}, {int(rounds)}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _bandwidth_probe(threads: int, megabytes: int, rounds: int) -> float:
     data = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
     parts = np.array_split(data, threads)
     best = 0.0
@@ -65,9 +78,38 @@ def memory_bandwidth(threads: int, megabytes: int = 512, rounds: int = 5) -> flo
     return best
 
 
-def _weights_bytes(path: Path) -> int:
-    model_file = irx.resolve_model_file(path)
-    return irx.initializer_bytes(irx.load(model_file))
+GATHER_OPS = ("Gather", "GatherBlockQuantized")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightBytes:
+    """A model's weights as a decode step reads them."""
+
+    total: int  # every initializer's bytes
+    gathered: int  # bytes of tables only ever indexed by Gather (embeddings): a step reads one row per token
+    gathered_rows: int  # rows of those tables, summed (bytes per row = gathered / rows, table by table below)
+    row_bytes: int  # bytes of one row of each gathered table, summed over the tables
+
+    def read_per_step(self, batch: int) -> int:
+        """Bytes a decode step of ``batch`` sequences reads: everything but the gathered tables, plus one
+        row of each per sequence (a table also read by a MatMul, e.g. a tied lm_head, counts whole)."""
+        return self.total - self.gathered + min(self.gathered, batch * self.row_bytes)
+
+
+def weight_bytes(path: Path) -> WeightBytes:
+    model = irx.load(irx.resolve_model_file(path))
+    total = gathered = rows = row_bytes = 0
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if t is None:
+            continue
+        total += t.nbytes
+        uses = value.uses()
+        if uses and t.shape.rank() >= 2 and all(u.node.op_type in GATHER_OPS and u.idx != 1 for u in uses):
+            gathered += t.nbytes
+            rows += int(t.shape[0])
+            row_bytes += t.nbytes // max(1, int(t.shape[0]))
+    return WeightBytes(total, gathered, rows, row_bytes)
 
 
 def _one(gen: Generator, batch: int, s: BenchSettings) -> dict[str, Any]:
@@ -97,15 +139,20 @@ def benchmark(artifact: str | os.PathLike, baseline: str | os.PathLike | None = 
             loads[key].append(g.load_seconds)
             gens[key] = g
     bandwidth = memory_bandwidth(settings.threads)
+    llc = machine.last_level_cache_bytes()
     out: dict[str, Any] = {"schema": SCHEMA, "settings": dataclasses.asdict(settings), "memory_bandwidth_gbs": round(bandwidth / 1e9, 2),
+                           "memory_bandwidth_method": f"best of 5 reads of a 512 MiB buffer by {settings.threads} threads (numpy), in a child process",
+                           "machine": {"cpu": machine.cpu_model(), "last_level_cache_bytes": llc},
                            "models": {}}
+    weights = {key: weight_bytes(path) for key, path in models.items()}
     total_runs = len(settings.batches) * settings.repeats * len(models)
     done = 0
     for key, path in models.items():
         g = gens[key]
         out["models"][key] = {"path": str(path), "load_s_median": round(statistics.median(loads[key]), 4),
                               "kv_buffer": g.layout.buffer, "loop": "naive (numpy round trip)" if g.naive else "IOBinding",
-                              "weights_bytes": _weights_bytes(path), "batches": {}}
+                              "weights_bytes": weights[key].total, "weights_bytes_gathered": weights[key].gathered,
+                              "batches": {}}
     for batch in settings.batches:
         runs: dict[str, list[dict]] = {k: [] for k in models}
         for g in gens.values():  # warm up
@@ -118,7 +165,7 @@ def benchmark(artifact: str | os.PathLike, baseline: str | os.PathLike | None = 
                     progress(f"[{done}/{total_runs}] {key} batch {batch}")
         for key in models:
             out["models"][key]["batches"][str(batch)] = _summarize(runs[key], gens[key], batch, settings,
-                                                                   out["models"][key]["weights_bytes"], bandwidth)
+                                                                   weights[key], bandwidth, llc)
         if baseline is not None:
             a, b = runs["artifact"], runs["baseline"]
             out.setdefault("ratios", {})[str(batch)] = {
@@ -135,7 +182,8 @@ def _naive(path: Path) -> bool:
     return not (model_file.parent / "llmopt.json").is_file()
 
 
-def _summarize(runs: list[dict], gen: Generator, batch: int, s: BenchSettings, weights: int, bandwidth: float) -> dict:
+def _summarize(runs: list[dict], gen: Generator, batch: int, s: BenchSettings, weights: WeightBytes, bandwidth: float,
+               llc: int | None) -> dict:
     decode = statistics.median(r["decode_s"] for r in runs)
     steps = [ms for r in runs for ms in r["steps_ms"]]
     n = s.new_tokens - 1  # decode steps after the prefill's token
@@ -143,7 +191,12 @@ def _summarize(runs: list[dict], gen: Generator, batch: int, s: BenchSettings, w
     formula = gen.layout.bytes(batch, positions)
     mean_cache_read = gen.layout.bytes(batch, s.prompt_len + n // 2)
     step_s = decode / n
-    roofline_s = (weights + mean_cache_read) / bandwidth
+    read = weights.read_per_step(batch) + mean_cache_read
+    roofline_s = read / bandwidth
+    note = None
+    if llc is not None and read <= llc:
+        note = (f"a step reads {read / 2**20:.1f} MiB, which fits in the {llc / 2**20:.0f} MiB last-level cache: "
+                "steps are served from cache, so this is not a memory-bandwidth roofline")
     return {
         "prefill_tokens_per_s": round(batch * s.prompt_len / statistics.median(r["prefill_s"] for r in runs), 1),
         "decode_tokens_per_s": round(batch * n / decode, 1),
@@ -153,8 +206,10 @@ def _summarize(runs: list[dict], gen: Generator, batch: int, s: BenchSettings, w
         "kv_cache_bytes": formula,
         "kv_cache_bytes_measured": runs[-1]["cache_bytes"],
         "kv_cache_bytes_allocated_shared": gen.layout.bytes(batch, s.prompt_len + s.new_tokens) if gen.layout.buffer == "shared" else None,
+        "bytes_read_per_step": read,
         "roofline_step_ms": round(roofline_s * 1e3, 3),
         "roofline_fraction": round(roofline_s / step_s, 3),
+        "roofline_note": note,
         "steps_ms_last_run": [round(x, 3) for x in runs[-1]["steps_ms"]],
     }
 
@@ -173,7 +228,12 @@ def format_bench(r: dict[str, Any]) -> str:
     for batch, ratio in r.get("ratios", {}).items():
         lines.append(f"batch {batch}: artifact vs baseline decode {ratio['decode_speedup']:.2f}x, "
                      f"prefill {ratio['prefill_speedup']:.2f}x (medians of per-run ratios)")
-    lines.append(f"peak RSS of this process {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    notes = sorted({b["roofline_note"] for m in r["models"].values() for b in m["batches"].values() if b.get("roofline_note")})
+    lines += [f"roofline: {n}" for n in notes[:1]]
+    llc = (r.get("machine") or {}).get("last_level_cache_bytes")
+    lines.append(f"peak RSS of this process {r['peak_rss_bytes'] / 2**20:.0f} MiB (bandwidth probe excluded); "
+                 f"CPU {(r.get('machine') or {}).get('cpu', '?')}, last-level cache {llc / 2**20:.0f} MiB" if llc else
+                 f"peak RSS of this process {r['peak_rss_bytes'] / 2**20:.0f} MiB (bandwidth probe excluded)")
     return "\n".join(lines)
 
 
@@ -205,4 +265,7 @@ def plot_steps(report: dict[str, Any] | None, out: Path) -> None:
     ax.set_ylabel("ms per decode step")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(out).suffix.lstrip(".") or "png")
+    plt.close(fig)
+    write_atomic(out, buf.getvalue())

@@ -198,6 +198,11 @@ def bench(
         raise LlmoptError(f"--batch '{batch}' is not comma-separated integers (e.g. 1,4,8)") from None
     settings = BenchSettings(prompt_len=prompt_len, new_tokens=new_tokens, batches=sizes, repeats=repeats, threads=threads)
     if plot is not None:
+        from llmopt import preflight
+        from llmopt import ir as irx
+
+        models = [artifact] + ([baseline] if baseline is not None else [])
+        preflight.check([("model", f) for m in models for f in irx.model_files(m)], [preflight.Output("--plot", plot)])
         plot_steps(None, plot)  # fail before measuring if matplotlib is missing
     report = benchmark(artifact, baseline, settings, progress=None if as_json else progress_bar())  # == llmopt.benchmark().to_dict()
     if not as_json:
@@ -262,14 +267,26 @@ def compare(
     print(json.dumps(table, indent=2, default=str) if as_json else text)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that cleanup (``finally``) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    if threading_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(args=argv, standalone_mode=False)
     except LlmoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt, Terminated):  # click turns Ctrl-C into Abort
+        print("interrupted; nothing was written (a previous output at that path is unchanged)", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # click usage errors (typer may bundle its own click) carry their own exit code
         if _is_usage_error(exc):
@@ -277,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
         raise
     sys.exit(0)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _is_usage_error(exc: BaseException) -> bool:

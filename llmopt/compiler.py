@@ -10,20 +10,19 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llmopt import __version__
 from llmopt import ir as irx
-from llmopt import verify
-from llmopt import genai
+from llmopt import atomic, genai, machine, preflight, verify
 from llmopt.calibration import SOURCE_DIR_KEY
-from llmopt.errors import InputError, OutputError, VerificationError
+from llmopt.errors import InputError, VerificationError
 from llmopt.gates import GateError, Gates
 from llmopt.inspector import kv_cache_info
 from llmopt.manager import PassManager, check_explain
@@ -31,7 +30,8 @@ from llmopt.quant_spec import QUANT_ERROR_KEY
 from llmopt.pipeline import Pipeline, load_recipe, parse
 from llmopt.plugins import load_plugin_file
 from llmopt.registry import get_target
-from llmopt.report import load_json, write_atomic
+from llmopt.atomic import write_atomic
+from llmopt.report import load_json
 
 MANIFEST = "llmopt.json"
 SCHEMA = "llmopt/compile-report/v1"  # llmopt/schemas/compile-report.v1.json; bump on an incompatible change
@@ -85,35 +85,25 @@ def _log(progress: Callable[[str], None] | None, msg: str) -> None:
         progress(msg)
 
 
-def check_output_dir(out: Path, sources: list[Path]) -> None:
-    """``out`` must be absent, an empty directory, or a previous llmopt artifact not holding the input."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is a file; choose another -o directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise OutputError(
-            f"{out}: exists and is not an llmopt artifact (no {MANIFEST}); choose another -o or empty it first"
-        )
-    out_res = out.resolve()
-    for s in sources:
-        if out_res == s.resolve() or out_res in s.resolve().parents:
-            raise OutputError(f"{out}: holds the input model {s.name}; write the artifact to another directory")
-
-
 def override_thresholds(base: verify.Thresholds, overrides: dict[str, float]) -> verify.Thresholds:
     """The target's thresholds with some replaced (e.g. a CI job's stricter budget)."""
     known = {f.name for f in dataclasses.fields(verify.Thresholds)}
-    for key in overrides:
+    ranges = {"max_abs": (0.0, math.inf), "min_cosine": (-1.0, 1.0), "min_top1": (0.0, 1.0)}
+    for key, value in overrides.items():
         if key not in known:
             raise InputError(f"unknown threshold '{key}'; use one of {', '.join(sorted(known))}")
+        lo, hi = ranges[key]
+        if not (math.isfinite(float(value)) or value == math.inf and key == "max_abs") or not lo <= float(value) <= hi:
+            raise InputError(f"--threshold {key}={value}: must be a number in [{lo:g}, {hi:g}]")
     return dataclasses.replace(base, **{k: float(v) for k, v in overrides.items()})
 
 
 def resolve_pipeline(target, passes: str | None, recipe: str | os.PathLike | None) -> Pipeline:
-    if passes and recipe:
+    if passes is not None and recipe is not None:
         raise InputError("give --passes or --recipe, not both")
-    if passes:
+    if passes is not None:
         return parse(passes)
-    if recipe:
+    if recipe is not None:
         return load_recipe(recipe)
     return target.parsed_pipeline()
 
@@ -174,12 +164,13 @@ def compile(  # noqa: A001 - the public name users expect
     if eval_text is None and hf_dir is not None and (hf_dir / "eval.txt").is_file() and (hf_dir / "tokenizer.json").is_file():
         eval_text = hf_dir / "eval.txt"
     gates.require(has_eval_text=eval_text is not None, measure_speed=measure_speed)
-    _check_inputs_before_work(model, hf_dir, eval_text, report_path)
     out = Path(out) if out is not None else Path(f"{Path(model).name.removesuffix('.onnx')}-{tgt.name}")
-    work = Path(tempfile.mkdtemp(prefix="llmopt-work-"))
+    source = _open_source(model, hf_dir)  # validates the ONNX file (external data included); reads no weights
+    _preflight(source, hf_dir, eval_text, plugins, recipe, out, report_path)
+    work = atomic.work_dir()
     try:
         report = _compile(
-            model, hf_dir, tgt, pipeline, out, work,
+            model, hf_dir, source, tgt, pipeline, out, work,
             verify_model=verify_model, verify_each=verify_each, with_past=with_past,
             eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=measure_speed,
             speed_pairs=speed_pairs, progress=progress, started=started, explain=tuple(explain),
@@ -196,27 +187,53 @@ def compile(  # noqa: A001 - the public name users expect
     return Artifact(out, json.loads(json.dumps(report, default=str)))  # exactly what llmopt.json holds
 
 
-def _check_inputs_before_work(model, hf_dir, eval_text, report_path) -> None:
-    """What would otherwise fail only after the pipeline, verification and timing ran."""
+@dataclasses.dataclass
+class _Source:
+    """An ONNX source, opened: its file, the IR (weights memory-mapped) and every file it reads."""
+
+    file: Path
+    model: Any
+    files: list[Path]
+
+
+def _open_source(model, hf_dir) -> _Source | None:
+    if hf_dir is not None:
+        return None  # exported later, into the work directory
+    src_file = irx.resolve_model_file(model)
+    ir_model = irx.load(src_file)
+    return _Source(src_file, ir_model, irx.model_files(src_file, ir_model))
+
+
+def _preflight(source, hf_dir, eval_text, plugins, recipe, out: Path, report_path) -> None:
+    """Every path the compile reads or writes, checked before any export or pass (llmopt.preflight);
+    then what killed earlier runs left at those places is swept away."""
+    if source is not None:
+        inputs = [("model", source.file)] + [("external data", f) for f in source.files[1:]]
+    else:
+        inputs = preflight.directory_inputs("model file", hf_dir)
+    inputs += [("plugin", Path(p)) for p in plugins] + ([("recipe", Path(recipe))] if recipe is not None else [])
     if eval_text is not None:
-        if not Path(eval_text).is_file():
-            raise InputError(f"{eval_text}: evaluation text not found; check the --eval-text path")
-        tok_dir = hf_dir if hf_dir is not None else irx.resolve_model_file(model).parent
+        inputs.append(("eval text", preflight.check_text(eval_text, "--eval-text")))
+        tok_dir = hf_dir if hf_dir is not None else source.file.parent
         if not (tok_dir / "tokenizer.json").is_file():
             raise InputError(f"{tok_dir.resolve()}: no tokenizer.json to tokenize --eval-text with; "
                              "put the model's tokenizer.json next to the model")
-    if report_path is not None and Path(report_path).is_dir():
-        raise OutputError(f"--report {report_path}: is a directory; give a file path, e.g. {Path(report_path) / 'report.json'}")
+    outputs = [preflight.Output("-o", out, "dir", artifact=True)]
+    if report_path is not None:
+        outputs.append(preflight.Output("--report", Path(report_path)))
+    preflight.check(inputs, outputs)
+    for o in outputs:
+        atomic.sweep(o.path)
+    atomic.sweep_work_dirs()
 
 
-def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verify_each, with_past,
+def _compile(model_arg, hf_dir, source, tgt, pipeline, out, work, *, verify_model, verify_each, with_past,
              eval_text, eval_tokens, measure_speed, speed_pairs, progress, started, explain, gates,
              check_plugins) -> dict[str, Any]:
     source_info: dict[str, Any]
     if hf_dir is not None:
         from llmopt.exporter import export
 
-        check_output_dir(out, [hf_dir])
         _log(progress, f"export  {hf_dir} (torch.onnx dynamo{', with KV cache I/O' if with_past else ''})")
         t0 = time.perf_counter()
         src_file = export(hf_dir, work / "source" / irx.MODEL_FILE, with_past=with_past)
@@ -228,14 +245,11 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             "hashed_files": [f.name for f in hashed],
             "export": {"with_past": with_past, "seconds": round(time.perf_counter() - t0, 2)},
         }
+        ir_model = irx.load(src_file)  # weights stay memory-mapped
+        src_files = irx.model_files(src_file, ir_model)
     else:
-        src_file = irx.resolve_model_file(model_arg)
-        source_info = {"kind": "onnx", "path": str(src_file)}
-    ir_model = irx.load(src_file)  # validates the file; weights stay memory-mapped
-    src_files = irx.model_files(src_file, ir_model)
-    if hf_dir is None:
-        check_output_dir(out, src_files)
-        source_info["sha256"] = irx.sha256_files(src_files)
+        src_file, ir_model, src_files = source.file, source.model, source.files
+        source_info = {"kind": "onnx", "path": str(src_file), "sha256": irx.sha256_files(src_files)}
     source_info["bytes"] = irx.files_bytes(src_files)
 
     _log(progress, f"load    {src_file.name} ({irx.files_bytes(src_files) / 1e6:.1f} MB, weights memory-mapped)")
@@ -260,16 +274,8 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
         result = manager.run(ir_model)
     finally:
         ir_model.metadata_props.pop(SOURCE_DIR_KEY, None)  # a local path: not part of the artifact
-    unsupported = tgt.unsupported_ops(result.model)
-    if unsupported:
-        raise VerificationError(
-            f"the compiled graph holds ops {tgt.provider} does not implement: {', '.join(unsupported)}; "
-            f"nothing was written (they would run on the CPU provider, copying data every step)", None)
-
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.llmopt-", dir=parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; an artifact is an ordinary directory
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = atomic.staging_path(out)
     try:
         _log(progress, f"save    {out}/ (external data)")
         irx.save(result.model, staging / irx.MODEL_FILE)
@@ -287,7 +293,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             "schema": SCHEMA,
             "llmopt_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model()},
+            "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpu": machine.cpu_model()},
             "target": tgt.as_dict(),
             "provider": tgt.provider,
             "session_options": dict(tgt.session_options),
@@ -315,6 +321,11 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
             "accuracy": None,
             "gates": [],
         }
+        unsupported = tgt.unsupported_ops(result.model)
+        if unsupported:
+            raise VerificationError(
+                f"the compiled graph holds ops {tgt.provider} does not implement: {', '.join(unsupported)}; "
+                f"nothing was written (they would run on the CPU provider, copying data every step)", report)
         del result, ir_model
         compiled_file = staging / irx.MODEL_FILE
         if verify_model:
@@ -338,7 +349,7 @@ def _compile(model_arg, hf_dir, tgt, pipeline, out, work, *, verify_model, verif
                             "nothing was written (the report says by how much)", report)
         report["seconds"] = round(time.perf_counter() - started, 2)
         _write_json(staging / MANIFEST, report)
-        _publish(staging, out)
+        atomic.publish_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
@@ -376,6 +387,7 @@ def _measure(report, src_model, src_file, compiled_file, tgt, eval_text, eval_to
             what = f"next token after {ctx}: source recomputes {ctx + 1} tokens, compiled reads its KV cache"
         report["speed"] = {
             "what": what,
+            "provider": tgt.verify_providers[0],
             "threads": 2,
             "source_ms": round(r["a_ms"], 3),
             "compiled_ms": round(r["b_ms"], 3),
@@ -401,31 +413,5 @@ def _measure(report, src_model, src_file, compiled_file, tgt, eval_text, eval_to
         }
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Replace ``out`` by ``staging`` with renames (same filesystem), never leaving a partial directory."""
-    if out.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
-        os.replace(out, backup / "artifact")
-        try:
-            os.replace(staging, out)
-        except BaseException:
-            os.replace(backup / "artifact", out)
-            raise
-        finally:
-            shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, out)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

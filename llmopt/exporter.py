@@ -17,10 +17,10 @@ import io
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
+from llmopt import atomic, preflight
 from llmopt import ir as irx
 from llmopt.errors import InputError, MissingDependencyError, OutputError, first_line
 
@@ -155,6 +155,10 @@ def export(
         out = out / irx.MODEL_FILE
     if out.suffix != ".onnx":
         raise OutputError(f"{out}: export writes an .onnx file; give a path ending in .onnx")
+    data_name = atomic.data_file_for(out, atomic.referenced_data_files(out))
+    preflight.check(preflight.directory_inputs("model file", src),
+                    [preflight.Output("-o", out), preflight.Output("-o (its weights)", out.parent / data_name)])
+    atomic.sweep(out)
     model = load_hf_model(src)
     import torch
 
@@ -208,13 +212,11 @@ def export(
     onnx_model.metadata_props["llmopt.architecture"] = type(model).__name__
     onnx_model.metadata_props["llmopt.with_past"] = str(with_past).lower()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".llmopt-export-", dir=out.parent))
+    staging = atomic.staging_path(out)
     try:
-        irx.save(onnx_model, tmp / out.name)
-        for f in tmp.iterdir():
-            os.replace(f, out.parent / f.name)
+        atomic.publish_model(irx.save(onnx_model, staging / out.name, data_name=data_name), out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

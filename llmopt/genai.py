@@ -73,7 +73,7 @@ def genai_config(model: ir.Model, cfg: dict[str, Any], provider: str, filename: 
             names[optional] = optional
     providers = [] if provider == "CPUExecutionProvider" else [{provider.removesuffix("ExecutionProvider").lower(): {}}]
     context = int(gen.get("context_length") or 4096)
-    return {
+    config = {
         "model": {
             "bos_token_id": gen.get("bos_token_id"),
             "context_length": context,
@@ -100,6 +100,10 @@ def genai_config(model: ir.Model, cfg: dict[str, Any], provider: str, filename: 
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # onnxruntime-genai refuses null, accepts absent
+        if config["model"][key] is None:
+            del config["model"][key]
+    return config
 
 
 def _vocab(model: ir.Model, cfg: dict[str, Any]) -> int | None:

@@ -29,6 +29,8 @@ def run_generate(artifact: Path, prompts: list[str], prompt_ids: list[str], max_
 
     if bool(prompts) == bool(prompt_ids):
         raise InputError("give either --prompt TEXT or --prompt-ids 1,2,3 (each repeatable for a batch)")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: must be >= 1 (the intra-op threads ONNX Runtime uses)")
     model_file = irx.resolve_model_file(artifact)
     tokenizer = None
     if prompts:

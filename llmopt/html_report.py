@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llmopt.errors import InputError
-from llmopt.report import human_bytes, load_json, write_atomic
+from llmopt import preflight
+from llmopt.atomic import write_atomic
+from llmopt.report import human_bytes, load_json
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f", "#bab0ac")
 
@@ -1024,6 +1026,11 @@ def write_report(artifact_dir: str | os.PathLike, html: Path | None = None, mark
         raise InputError("give --html FILE and/or --markdown FILE: where to write the report")
     if html is not None and markdown is not None and Path(html).resolve() == Path(markdown).resolve():
         raise InputError(f"{html}: --html and --markdown name the same file; give two paths")
+    src = Path(artifact_dir)
+    inputs = preflight.directory_inputs("artifact file", src) if src.is_dir() else [("report", src)]
+    inputs += [("bench report", Path(bench_json))] if bench_json is not None else []
+    preflight.check(inputs, [preflight.Output(flag, Path(p)) for flag, p in (("--html", html), ("--markdown", markdown))
+                             if p is not None])
     manifest = _open_manifest(artifact_dir)
     bench = load_bench(bench_json) if bench_json is not None else None
     written = []

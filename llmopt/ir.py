@@ -64,31 +64,57 @@ def load(path: str | os.PathLike) -> ir.Model:
     return model
 
 
+def external_tensors(model: ir.Model):
+    """(where, tensor) for every tensor whose bytes live in an external file: initializers and
+    tensor attributes (Constant values), in every graph and subgraph."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.name, value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    yield f"{node.name or node.op_type}.{attr.name}", attr.value
+
+
 def check_external_data(model: ir.Model, path: Path) -> None:
-    """Every external tensor's file must exist and be long enough (no reads of the data)."""
+    """Every external tensor's file must lie in the model's folder, exist and be long enough.
+
+    Reads no tensor bytes, and nothing outside the folder: a location that is absolute or climbs
+    out (``../secret.bin``) is refused before any file is opened, as ONNX Runtime refuses it.
+    """
     sizes: dict[Path, int] = {}
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if not isinstance(tensor, ir.ExternalTensor):
-            continue
+    for name, tensor in external_tensors(model):
+        location = str(tensor.location)
+        norm = os.path.normpath(location)
+        if os.path.isabs(location) or norm == ".." or norm.startswith(".." + os.sep) or location.startswith(("/", "\\")):
+            raise InputError(
+                f"{path}: tensor {name} points at external data outside the model's folder ({location}); "
+                "only files beside the .onnx are read — move the data next to it and fix the location"
+            )
         data = Path(tensor.path)
         if data not in sizes:
             if not data.is_file():
                 raise InputError(
-                    f"{path}: external data file {data.name} is missing (needed by {value.name}); "
+                    f"{path}: external data file {location} is missing (needed by {name}); "
                     "keep it next to the .onnx file"
                 )
             sizes[data] = data.stat().st_size
-        end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
-        if end > sizes[data]:
+        offset = tensor.offset or 0
+        end = offset + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if offset < 0 or end > sizes[data]:
             raise InputError(
-                f"{path}: external data file {data.name} is truncated ({sizes[data]} bytes, "
-                f"{value.name} needs {end}); re-export the model"
+                f"{path}: external data file {location} is truncated ({sizes[data]} bytes, "
+                f"{name} needs {end}); re-export the model"
             )
+        if tensor.length is not None and tensor.length != tensor.nbytes:
+            raise InputError(f"{path}: tensor {name} declares {tensor.length} bytes of external data but its "
+                             f"dtype and shape need {tensor.nbytes}; the file is damaged — re-export the model")
 
 
-def save(model: ir.Model, path: str | os.PathLike, progress=None) -> Path:
-    """Save ``model`` to ``path`` with every tensor over 1 KiB in ``<path>.data``.
+def save(model: ir.Model, path: str | os.PathLike, progress=None, data_name: str | None = None) -> Path:
+    """Save ``model`` to ``path`` with every tensor over 1 KiB in ``<path>.data`` (or ``data_name``
+    beside it).
 
     ``progress(done, total)`` is called once per tensor written.
     """
@@ -104,7 +130,7 @@ def save(model: ir.Model, path: str | os.PathLike, progress=None) -> Path:
             done += 1
             progress(done, info.total)
 
-    ir.save(model, p, external_data=p.name + DATA_SUFFIX, size_threshold_bytes=INLINE_LIMIT_BYTES, callback=callback)
+    ir.save(model, p, external_data=data_name or p.name + DATA_SUFFIX, size_threshold_bytes=INLINE_LIMIT_BYTES, callback=callback)
     return p
 
 
@@ -114,12 +140,10 @@ def model_files(path: str | os.PathLike, model: ir.Model | None = None) -> list[
     files = [p]
     if model is None:
         model = load(p)
-    for value in model.graph.initializers.values():
-        t = value.const_value
-        if isinstance(t, ir.ExternalTensor):
-            f = Path(t.path)
-            if f not in files:
-                files.append(f)
+    for _, t in external_tensors(model):
+        f = Path(t.path)
+        if f not in files:
+            files.append(f)
     return files
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from llmopt import verify
 from llmopt.errors import InputError
+from llmopt.preflight import check_text
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
@@ -29,6 +30,7 @@ def tokenize_file(tokenizer, text_file: str | os.PathLike, max_tokens: int | Non
         raise InputError(f"{p}: evaluation text not found; check the path given to --eval-text (compile) or --text (eval)")
     if max_tokens is not None and max_tokens < 0:
         raise InputError(f"--tokens {max_tokens}: must be >= 0 (0 means the whole text)")
+    check_text(p, "--text")
     ids = tokenizer.encode(p.read_text(encoding="utf-8")).ids
     if max_tokens:
         ids = ids[:max_tokens]

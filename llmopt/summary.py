@@ -20,7 +20,7 @@ def format_compile_report(r: dict[str, Any], path: Path) -> str:
         lines.append(
             f"  speed     {s['speedup']:.2f}x speedup, {s['what']} ({s['source_ms']:.2f} -> {s['compiled_ms']:.2f} ms, "
             f"median of {s['pairs']} alternating pairs, range {s['speedup_min']:.2f}-{s['speedup_max']:.2f}x, "
-            f"{s['threads']} threads)"
+            f"{s['threads']} threads{_on_other_provider(s, r)})"
         )
     v = r.get("verification")
     if v:
@@ -56,3 +56,11 @@ def format_compile_report(r: dict[str, Any], path: Path) -> str:
                          f"({', '.join(sorted({e['rule'] for e in quiet}))})")
     lines.append(f"  passes    {r['pipeline']}  (details: {path}/llmopt.json)")
     return "\n".join(lines)
+
+
+def _on_other_provider(speed: dict, r: dict) -> str:
+    """Say so when the timing ran on another provider than the target's (a CUDA target timed on the CPU)."""
+    measured = speed.get("provider")
+    if measured and measured != r.get("provider"):
+        return f", on {measured}: not the target's {r.get('provider')}, a check that the graph runs, not its speed there"
+    return ""

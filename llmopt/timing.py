@@ -55,6 +55,5 @@ def compare_sessions_feeds(sess_a, feeds_a, sess_b, feeds_b, pairs: int = 20, wa
     """Like compare_sessions, with each session's own inputs."""
     names_a = [o.name for o in sess_a.get_outputs()]
     names_b = [o.name for o in sess_b.get_outputs()]
-    fa = {i.name: feeds_a[i.name] for i in sess_a.get_inputs()}
-    fb = {i.name: feeds_b[i.name] for i in sess_b.get_inputs()}
+    fa, fb = verify.feeds_for(sess_a, feeds_a), verify.feeds_for(sess_b, feeds_b)
     return alternate(lambda: sess_a.run(names_a, fa), lambda: sess_b.run(names_b, fb), pairs, warmup)

@@ -170,10 +170,9 @@ def make_session(path: str | os.PathLike, providers: Iterable[str] = ("CPUExecut
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
 
 
-def run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run on the feeds the session takes; float feeds follow the session's float type (an fp16
-    graph verified against its fp32 source gets the same samples, rounded)."""
-    names = [o.name for o in session.get_outputs()]
+def feeds_for(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feeds the session takes, float ones cast to the session's float type (an fp16 graph
+    verified or timed against its fp32 source gets the same samples, rounded)."""
     types = {i.name: i.type for i in session.get_inputs()}
     cast = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
     sent = {}
@@ -181,7 +180,13 @@ def run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if k in types:
             want = cast.get(types[k])
             sent[k] = v.astype(want) if want is not None and v.dtype != want and v.dtype.kind == "f" else v
-    outs = session.run(names, sent)
+    return sent
+
+
+def run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run on the feeds the session takes (see ``feeds_for``); outputs by name."""
+    names = [o.name for o in session.get_outputs()]
+    outs = session.run(names, feeds_for(session, feeds))
     return dict(zip(names, outs))
 
 
