@@ -90,7 +90,7 @@ def genai_config(model: ir.Model, cfg: dict[str, Any], provider: str, filename: 
             },
             "eos_token_id": gen.get("eos_token_id"),
             "pad_token_id": gen.get("pad_token_id") if gen.get("pad_token_id") is not None else gen.get("eos_token_id"),
-            "type": cfg.get("model_type", "llama"),
+            "type": "decoder",  # genai's generic decoder: llmopt's I/O is the same for every architecture (its "gpt2" type expects other inputs)
             "vocab_size": _vocab(model, cfg),
         },
         "search": {

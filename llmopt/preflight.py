@@ -10,7 +10,8 @@ Face directory's files, eval texts, plugin files, recipes) and its outputs (``-o
 - an output whose parent cannot be made: a component is a file, or the directory is not writable;
 - a file output that is a directory, a directory output that is a file or a non-artifact directory.
 
-Nothing is written by the check; it runs in milliseconds and reads no weights.
+The check leaves nothing behind (it probes each output's directory with an empty directory it
+removes at once); it runs in milliseconds and reads no weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -50,8 +52,6 @@ def check(inputs: Iterable[tuple[str, Path]], outputs: Sequence[Output]) -> None
     """Raise ``OutputError`` for the first output that cannot be written safely (see module doc)."""
     ins = [(what, Path(p), _real(Path(p))) for what, p in inputs]
     for out in outputs:
-        _check_parent(out)
-        _check_kind(out)
         real = _real(out.path)
         for what, given, rin in ins:
             if real == rin:
@@ -59,6 +59,8 @@ def check(inputs: Iterable[tuple[str, Path]], outputs: Sequence[Output]) -> None
             if out.kind == "dir" and _inside(rin, real):
                 raise OutputError(f"{out}: holds the input {what} {given}; writing there would replace it — "
                                   "write to another directory")
+        _check_parent(out)
+        _check_kind(out)
     for i, a in enumerate(outputs):
         for b in outputs[i + 1:]:
             ra, rb = _real(a.path), _real(b.path)
@@ -77,8 +79,10 @@ def _check_parent(out: Output) -> None:
         if os.path.lexists(anc):
             if not anc.is_dir():
                 raise OutputError(f"{out}: {anc} is a file, not a directory; choose another path")
-            if not os.access(anc, os.W_OK | os.X_OK):
-                raise OutputError(f"{out}: cannot write in {anc} (permission denied); choose another path")
+            try:  # a real probe: permissions, read-only mounts and pseudo-filesystems all answer here
+                os.rmdir(tempfile.mkdtemp(prefix=".llmopt-probe-", dir=anc))
+            except OSError as exc:
+                raise OutputError(f"{out}: cannot write in {anc} ({exc.strerror or exc}); choose another path") from None
             return
 
 
