@@ -22,6 +22,7 @@ from pathlib import Path
 
 from llmopt import atomic, preflight
 from llmopt import ir as irx
+from llmopt.genai import TOKENIZER_FILES
 from llmopt.errors import InputError, MissingDependencyError, OutputError, first_line
 
 REFERENCE_NAME = "reference"
@@ -140,9 +141,12 @@ def export(
     opset: int = 20,
     verbose: bool = False,
 ) -> Path:
-    """Export the HF model in ``model_dir`` to ``out`` (an .onnx path; weights go to ``out + '.data'``).
+    """Export the HF model in ``model_dir`` to ``out`` (an .onnx path; weights go to ``out + '.data'``,
+    or to ``out + '.1.data'`` when that name is taken by the export being replaced); the tokenizer
+    files are copied beside it.
 
-    The file is written atomically: nothing appears at ``out`` unless the export succeeded.
+    The file is written atomically: nothing appears at ``out`` unless the export succeeded, and an
+    export that replaces another leaves the previous pair whole until the new .onnx is in place.
     """
     src = resolve_hf_dir(model_dir)
     if src is None:
@@ -156,8 +160,10 @@ def export(
     if out.suffix != ".onnx":
         raise OutputError(f"{out}: export writes an .onnx file; give a path ending in .onnx")
     data_name = atomic.data_file_for(out, atomic.referenced_data_files(out))
+    tokenizer = [] if out.parent.resolve() == src.resolve() else [
+        preflight.Output("-o (tokenizer)", out.parent / n) for n in TOKENIZER_FILES if (src / n).is_file()]
     preflight.check(preflight.directory_inputs("model file", src),
-                    [preflight.Output("-o", out), preflight.Output("-o (its weights)", out.parent / data_name)])
+                    [preflight.Output("-o", out), preflight.Output("-o (its weights)", out.parent / data_name), *tokenizer])
     atomic.sweep(out)
     model = load_hf_model(src)
     import torch
@@ -217,7 +223,18 @@ def export(
         atomic.publish_model(irx.save(onnx_model, staging / out.name, data_name=data_name), out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _copy_tokenizer(src, out.parent)
     return out
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer files beside the .onnx, so that `compile`, `generate` and `eval` find them there
+    (config.json stays behind: beside an .onnx it would make the folder look like a model to export)."""
+    if dst.resolve() == src.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            atomic.write_atomic(dst / name, (src / name).read_bytes())
 
 
 def _rename_dims(model, with_past: bool) -> None:

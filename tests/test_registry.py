@@ -1,5 +1,6 @@
 """Plugins: a pass installed by another distribution appears through the entry-point group."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -29,4 +30,6 @@ def test_entry_point_plugin_pass_is_listed_and_runs(tmp_path, exported):
     res = subprocess.run([sys.executable, "-m", "llmopt", "compile", str(exported("llama", False)), "-o", str(tmp_path / "o"),
                           "--passes", "count-nodes", "--no-speed", "--json"], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
-    assert '"nodes": ' in res.stdout and '"name": "count-nodes"' in res.stdout
+    record = next(r for r in json.loads(res.stdout)["passes"] if r["name"] == "count-nodes")
+    assert record["counters"] == {"nodes": record["nodes_before"]} and record["nodes_before"] > 0
+    assert record["modified"] is False and record["nodes_after"] == record["nodes_before"]

@@ -119,15 +119,17 @@ def test_html_report_of_a_real_artifact(arts):
     assert "artifact, batch 1" in lat and "position (tokens in the cache)" in lat
     assert f'{bench["models"]["artifact"]["batches"]["1"]["step_ms_p50"]:.4g}' in lat
 
-    # quantization error: a chart when the passes recorded it, a note otherwise
+    # quantization error: cpu-int8's quantize-dynamic records it per weight: a chart, and the worst tensor first
     quant = section(doc, "quantization")
-    if m.get("quantization_error"):  # the quantizing passes record it: a chart, and the worst tensor first
-        assert quant.count("<svg") == 1
-        worst = max(m["quantization_error"].items(), key=lambda kv: kv[1]["rel_rmse"])
-        assert re.search(rf'<td class="code">{re.escape(html.escape(worst[0]))}</td>', quant)
-        assert f'{worst[1]["rel_rmse"]:.4g}' in quant
-    else:
-        assert "no quantization_error" in quant
+    assert m["quantization_error"], "cpu-int8 quantizes weights: the manifest must hold their errors"
+    assert quant.count("<svg") == 1
+    worst = max(m["quantization_error"].items(), key=lambda kv: kv[1]["rel_rmse"])
+    assert re.search(rf'<td class="code">{re.escape(html.escape(worst[0]))}</td>', quant)
+    assert f'{worst[1]["rel_rmse"]:.4g}' in quant
+    # an fp32 artifact quantized nothing: the section says so instead of drawing an empty chart
+    fp32_quant = section(render_html(arts["fp32"].report), "quantization")
+    assert arts["fp32"].report["quantization_error"] is None
+    assert "no quantization_error" in fp32_quant and "<svg" not in fp32_quant
 
 
 def test_html_without_bench_says_how_to_get_one(arts):
