@@ -271,29 +271,59 @@ class Terminated(BaseException):
     """SIGTERM, raised where the process is, so that cleanup (``finally``) runs as for Ctrl-C."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+_signalled: list[int] = []  # the signals this process received (a library may turn Ctrl-C into another error)
+
+
+def _on_signal(signum, frame):
+    _signalled.append(signum)
+    raise KeyboardInterrupt if signum == _SIGINT else Terminated()
+
+
+_SIGINT = 2
+INTERRUPTED = "interrupted; nothing was written (a previous output at that path is unchanged)"
+
+
+def _install_signal_handlers() -> None:
+    import signal
+
+    if not threading_main():
+        return
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the shell ignores it (nohup, &)
+        signal.signal(signal.SIGINT, _on_signal)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import signal
+    import logging
 
-    if threading_main():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    _install_signal_handlers()
+    # onnx_ir's shape inference logs a traceback when ONNX's inference gives up (it then leaves the
+    # model as it was, and so does llmopt); a user should not read that as a crash
+    logging.getLogger("onnx_ir.passes.common.shape_inference").setLevel(logging.ERROR)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # typer turns Ctrl-C into a returned 130
+        if code == 130:
+            raise KeyboardInterrupt
     except LlmoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt, Terminated):  # click turns Ctrl-C into Abort
-        print("interrupted; nothing was written (a previous output at that path is unchanged)", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # click usage errors (typer may bundle its own click) carry their own exit code
+        if _signalled:  # e.g. Ctrl-C while onnxruntime's extension initializes surfaces as ImportError
+            print(INTERRUPTED, file=sys.stderr)
+            sys.exit(130)
         if _is_usage_error(exc):
-            exc.show()
+            if exc.exit_code == 0:  # --help and friends
+                exc.show()
+                sys.exit(0)
+            ctx = getattr(exc, "ctx", None)
+            command = f"llmopt {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "llmopt --help"
+            print(f"error: {exc.format_message()} (see `{command}`)", file=sys.stderr)
             sys.exit(exc.exit_code)
         raise
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def threading_main() -> bool:

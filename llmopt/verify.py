@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmopt import ir as irx
-from llmopt.errors import VerificationError, first_line
+from llmopt.errors import InputError, VerificationError, first_line
 
 # ONNX tensor dtype → numpy dtype for the inputs we synthesize.
 _NP = {
@@ -167,7 +167,12 @@ def make_session(path: str | os.PathLike, providers: Iterable[str] = ("CPUExecut
     """An ORT session over a model file (by path, so external data is mapped, never inlined)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
+    except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph/InvalidArgument/NotImplemented...
+        msg = first_line(exc, 400).split(" failed:", 1)[-1].strip()
+        raise InputError(f"{path}: ONNX Runtime cannot load this model ({msg}); the file is damaged or "
+                         "uses what ONNX Runtime does not implement") from None
 
 
 def feeds_for(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -208,9 +213,7 @@ def run_path(path, feeds_list: list[dict[str, np.ndarray]], providers=("CPUExecu
     return [run(sess, f) for f in feeds_list]
 
 
-# Ops that ONNX Runtime registers in the default ONNX domain although ONNX does not define
-# them; the checker would reject the model at the first one.
-ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+ORT_DEFAULT_DOMAIN_OPS = irx.ORT_DEFAULT_DOMAIN_OPS  # the checker would reject the model at the first one
 
 
 def check_onnx(path: str | os.PathLike) -> None:
