@@ -92,7 +92,8 @@ def test_output_that_is_not_an_artifact_is_refused(tmp_path, model_copy):
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert_clean_error(llmopt_cli("compile", model_copy, "-o", afile), 2, "exists and is a file")
-    assert_clean_error(llmopt_cli("compile", model_copy, "-o", model_copy.parent), 2, "is not an llmopt artifact")
+    # the input's own folder is not an artifact either, and the more precise reason is given
+    assert_clean_error(llmopt_cli("compile", model_copy, "-o", model_copy.parent), 2, "holds the input model")
 
 
 def test_compile_json_report_and_budget_failure(tmp_path, model_copy):
