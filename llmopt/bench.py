@@ -197,6 +197,9 @@ def _summarize(runs: list[dict], gen: Generator, batch: int, s: BenchSettings, w
     if llc is not None and read <= llc:
         note = (f"a step reads {read / 2**20:.1f} MiB, which fits in the {llc / 2**20:.0f} MiB last-level cache: "
                 "steps are served from cache, so this is not a memory-bandwidth roofline")
+    elif roofline_s > step_s:
+        note = (f"a step streams {read / step_s / 1e9:.1f} GB/s, faster than the bandwidth probe read "
+                f"({bandwidth / 1e9:.1f} GB/s): the probe is below this machine's limit, so the fraction overstates")
     return {
         "prefill_tokens_per_s": round(batch * s.prompt_len / statistics.median(r["prefill_s"] for r in runs), 1),
         "decode_tokens_per_s": round(batch * n / decode, 1),
