@@ -98,7 +98,7 @@ def _check_types(proto, path: Path) -> None:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions (one line); ORT would also print them
     try:
         ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001

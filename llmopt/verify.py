@@ -159,7 +159,7 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions (one line); ORT would also print them
     return so
 
 
