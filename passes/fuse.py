@@ -18,7 +18,8 @@ cos_sin_cache          cos/sin of the angles → shared cache initializers      
 partial_rotary_...     rotary over part of the head (Phi)                      onnxscript
 sdpa                   MatMul/Softmax/mask chain → SDPA (internal)             onnxscript
 gqa                    SDPA with grouped K/V + rotary → ``GroupQueryAttention``  onnxscript
-gqa_seqlens_from_mask  GQA's sequence lengths from ``attention_mask``          llmopt
+gqa_seqlens_from_mask  GQA's lengths from ``attention_mask`` (else per row     llmopt
+                       from ``input_ids``' shape)
 pack_qkv               three Q/K/V MatMuls → one packed MatMul                 llmopt
 packed_qkv_for_gqa     Slices of a packed QKV (Phi-3) → packed GQA input       onnxscript
 sliced_qkv             the same without a KV cache (onnxscript's needs one)    llmopt

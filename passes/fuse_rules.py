@@ -241,13 +241,19 @@ def _lazy_concat(values: list[ir.Value], axis: int, name: str) -> ir.LazyTensor:
 
 def gqa_seqlens_from_mask(model: ir.Model) -> int:
     """Feed every GroupQueryAttention ``seqlens_k = sum(attention_mask, 1) - 1`` and
-    ``total_sequence_length = attention_mask.shape[1]`` (int32), computed once for the graph."""
+    ``total_sequence_length = attention_mask.shape[1]`` (int32), computed once for the graph.
+
+    A graph without ``attention_mask`` (an export that takes ``input_ids`` only) gets them from
+    ``input_ids``' shape instead (see ``gqa_seqlens_from_shape``): every row is the full length.
+    Never from the exporter's own ``[1, S]`` position range, which holds for batch 1 only."""
     graph = model.graph
     mask = next((v for v in graph.inputs if v.name == "attention_mask" and v.shape is not None and len(v.shape) == 2), None)
     nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS and len(n.inputs) >= 7
              and not (n.inputs[5] is not None and n.inputs[5].name == "gqa_seqlens_k")]
-    if mask is None or not nodes:
+    if not nodes:
         return 0
+    if mask is None:
+        return gqa_seqlens_from_shape(model, nodes)
     i64 = ir.DataType.INT64
     const = lambda name, arr: ir.node("Constant", [], attributes={"value": ir.tensor(np.array(arr, dtype=np.int64))}, name=name)  # noqa: E731
     axes, one, zero = const("gqa_axes_1", [1]), const("gqa_one", 1), const("gqa_squeeze_axes", [0])
@@ -262,6 +268,42 @@ def gqa_seqlens_from_mask(model: ir.Model) -> int:
     seqlens.outputs[0].shape, seqlens.outputs[0].type = ir.Shape([mask.shape[0]]), ir.TensorType(ir.DataType.INT32)
     total.outputs[0].shape, total.outputs[0].type = ir.Shape([]), ir.TensorType(ir.DataType.INT32)
     graph.insert_before(nodes[0], [axes, one, zero, mask64, total_tokens, minus_one, seqlens, width, width0, total])
+    for node in nodes:
+        node.replace_input_with(5, seqlens.outputs[0])
+        node.replace_input_with(6, total.outputs[0])
+    return len(nodes)
+
+
+def gqa_seqlens_from_shape(model: ir.Model, nodes: list[ir.Node]) -> int:
+    """Without a mask: ``total_sequence_length`` = past length + ``input_ids.shape[1]`` and
+    ``seqlens_k`` = that - 1 for every row of ``input_ids.shape[0]`` (no padding is expressible)."""
+    graph = model.graph
+    ids = next((v for v in graph.inputs if v.name == "input_ids" and v.shape is not None and len(v.shape) == 2), None)
+    if ids is None or "gqa_seqlens_k_from_shape" in {v.name for n in graph for v in n.outputs}:
+        return 0
+    past = nodes[0].inputs[3]
+    i32, i64 = ir.DataType.INT32, ir.DataType.INT64
+    const = lambda name, arr: ir.node("Constant", [], attributes={"value": ir.tensor(np.array(arr, dtype=np.int64))}, name=name)  # noqa: E731
+    one, zero = const("gqa_shape_one", 1), const("gqa_shape_axes", [0])
+    batch = ir.node("Shape", [ids], attributes={"start": 0, "end": 1}, name="gqa_shape_batch")
+    seq = ir.node("Shape", [ids], attributes={"start": 1, "end": 2}, name="gqa_shape_seq")
+    new = [one, zero, batch, seq]
+    total64 = seq
+    if past is not None:  # a cache without a mask: the past length comes from the cache itself
+        past_len = ir.node("Shape", [past], attributes={"start": 2, "end": 3}, name="gqa_shape_past")
+        total64 = ir.node("Add", [past_len.outputs[0], seq.outputs[0]], name="gqa_shape_total")
+        new += [past_len, total64]
+    last = ir.node("Sub", [total64.outputs[0], one.outputs[0]], name="gqa_shape_last")
+    rows = ir.node("Expand", [last.outputs[0], batch.outputs[0]], name="gqa_shape_rows")
+    seqlens = ir.node("Cast", [rows.outputs[0]], attributes={"to": i32}, name="gqa_seqlens_k_from_shape")
+    total0 = ir.node("Squeeze", [total64.outputs[0], zero.outputs[0]], name="gqa_shape_total_scalar")
+    total = ir.node("Cast", [total0.outputs[0]], attributes={"to": i32}, name="gqa_total_sequence_length_from_shape")
+    new += [last, rows, seqlens, total0, total]
+    seqlens.outputs[0].name, total.outputs[0].name = "gqa_seqlens_k_from_shape", "gqa_total_sequence_length_from_shape"
+    seqlens.outputs[0].shape, seqlens.outputs[0].type = ir.Shape([ids.shape[0]]), ir.TensorType(i32)
+    total.outputs[0].shape, total.outputs[0].type = ir.Shape([]), ir.TensorType(i32)
+    del i64
+    graph.insert_before(nodes[0], new)
     for node in nodes:
         node.replace_input_with(5, seqlens.outputs[0])
         node.replace_input_with(6, total.outputs[0])

@@ -8,7 +8,8 @@
   ``[batch, total_sequence_length]`` (past + new; ``fuse`` already derives the kernel's lengths from
   it) and the rotary cos/sin tables, which the export computed for the current positions only,
   become constants for ``max_length`` positions. Positions come from the mask inside the kernel,
-  so no ``position_ids`` input is needed.
+  so no ``position_ids`` input is needed. A graph that takes ``input_ids`` alone gets an
+  ``attention_mask`` input too (its lengths came from ``input_ids``' shape, which knows no past).
 - ``buffer=shared`` records in the model's metadata that the runtime should preallocate
   ``max_length`` caches and bind past and present to the same memory (GroupQueryAttention then
   writes the new entries in place instead of copying the cache every step).
@@ -149,8 +150,8 @@ class KVCache(Pass):
                 f"GroupQueryAttention ({len(gqas)} are): put 'fuse' before 'kv-cache' in the pipeline, "
                 "or export with the cache (llmopt export --with-past)")
         mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
-        if mask is None:
-            raise KVCacheError("kv-cache: the graph has no 'attention_mask' input to take the sequence lengths from")
+        if mask is None:  # an input_ids-only export: a cache needs lengths, so the mask becomes an input
+            mask = self._add_mask(model, gqas)
         batch = mask.shape[0] if mask.shape is not None else "batch"
         kv_heads = head_dim = None
         for layer, node in enumerate(gqas):
@@ -184,6 +185,26 @@ class KVCache(Pass):
         mask.shape = ir.Shape([batch, "total_sequence_length"])
         return {"layers": len(gqas), "kv_heads": kv_heads, "head_dim": head_dim, "group_query_attention": True,
                 "rewritten_from_no_cache": True}
+
+    def _add_mask(self, model: ir.Model, gqas: list[ir.Node]) -> ir.Value:
+        """``attention_mask [batch, total_sequence_length]`` as a new input, and GroupQueryAttention's
+        lengths taken from it (they came from ``input_ids``' shape, which knows no past)."""
+        from llmopt.passes.fuse_rules import gqa_seqlens_from_mask
+
+        graph = model.graph
+        ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+        if ids is None:
+            raise KVCacheError("kv-cache: the graph has neither 'attention_mask' nor 'input_ids' to take the sequence lengths from")
+        batch = ids.shape[0] if ids.shape is not None else "batch"
+        mask = ir.Value(name="attention_mask", type=ir.TensorType(ir.DataType.INT64),
+                        shape=ir.Shape([batch, "total_sequence_length"]))
+        graph.inputs.insert(list(graph.inputs).index(ids) + 1, mask)
+        for node in gqas:  # forget the shape-derived lengths, so the mask-derived ones replace them
+            node.replace_input_with(5, None)
+            node.replace_input_with(6, None)
+        gqa_seqlens_from_mask(model)
+        self.count("attention_mask_added")
+        return mask
 
     def _constant_rotary_tables(self, model: ir.Model, gqas: list[ir.Node]) -> int:
         """cos/sin inputs computed from the current positions → constant tables for max_length positions."""

@@ -105,3 +105,32 @@ def test_recompile_replaces_previous_artifact(exported, tmp_path):
     art = llmopt.compile(src, target="cpu-int8", out=out, measure_speed=False)
     assert llmopt.Artifact.open(out).report["target"]["name"] == "cpu-int8" == art.report["target"]["name"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_input_ids_only_export_compiles_with_defaults(exported_ids_only, tmp_path, arch):
+    """torch.onnx's plainest export (input_ids → logits, made outside llmopt) compiles to cpu-int8 with the
+    target's defaults: attention fused, lengths from input_ids' shape per row (verification's batch-2
+    sample used to fail on a [1, S] range), then a cache and an attention_mask added by kv-cache."""
+    src = exported_ids_only(arch)
+    art = llmopt.compile(src, target="cpu-int8", out=tmp_path / "art")
+    r = art.report
+    assert r["verification"]["passed"] and r["verification"]["samples"][0]["batch"] == 2
+    fuse = next(p for p in r["passes"] if p["name"] == "fuse")
+    assert fuse["counters"]["gqa"] == 2 and fuse["counters"]["gqa_seqlens_from_mask"] == 2
+    kv = next(p for p in r["passes"] if p["name"] == "kv-cache")
+    assert kv["counters"]["attention_mask_added"] == 1 and kv["counters"]["layers_given_cache"] == 2
+    inputs = [v["name"] for v in r["io"]["inputs"]]
+    assert inputs[:2] == ["input_ids", "attention_mask"] and "past_key_values.1.value" in inputs
+    assert r["speed"]["speedup"] > 0
+    # without kv-cache: the lengths come from input_ids' shape, right at batch 2, numerically exact
+    plain = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "plain", passes="fold,cleanup,fuse,cleanup",
+                           measure_speed=False)
+    assert plain.report["verification"]["figures"]["max_abs"] < 1e-4
+    assert "gqa_seqlens_k_from_shape" in {n.name for n in llmopt.load(plain.model_path).graph}
+    # and the cached artifact generates what full recomputation of the source generates
+    from llmopt.runtime import Generator, greedy_by_recompute
+
+    prompt = [5, 9, 14, 3]
+    fp32 = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "fp32", measure_speed=False)
+    assert Generator(fp32.path).generate([prompt], 12).tokens[0] == greedy_by_recompute(src, prompt, 12)
