@@ -19,6 +19,7 @@ A run killed with SIGKILL cannot clean up; the next run that writes to the same 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -65,6 +66,16 @@ def staging_path(dest: Path, kind: str = "new", directory: bool = True) -> Path:
 def work_dir(kind: str = "work") -> Path:
     """A private temporary directory (in the system's temp dir) that ``sweep_work_dirs`` can attribute."""
     return Path(tempfile.mkdtemp(prefix=f"llmopt-{kind}-{os.getpid()}-"))
+
+
+@contextlib.contextmanager
+def temp_dir(kind: str):
+    """``work_dir(kind)`` for the length of a with-block (and swept later if the process is killed)."""
+    path = work_dir(kind)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sweep(dest: str | os.PathLike) -> list[Path]:

@@ -16,13 +16,13 @@ never held:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from llmopt import atomic
 from llmopt import ir as irx
 from llmopt.errors import InputError
 
@@ -204,12 +204,12 @@ def collect(model: ir.Model, values: Sequence[str], batches: Iterable[np.ndarray
     if missing:
         raise ValueError(f"no values named {missing} to calibrate")
     saved = list(model.graph.outputs)
-    with tempfile.TemporaryDirectory(prefix="llmopt-calib-") as tmp:
+    with atomic.temp_dir("calib") as tmp:
         try:  # expose the values as graph outputs just long enough to save the model
             for n in values:
                 if by_name[n] not in saved and not by_name[n].is_graph_input():
                     model.graph.outputs.append(by_name[n])
-            path = irx.save(model, Path(tmp) / irx.MODEL_FILE)
+            path = irx.save(model, tmp / irx.MODEL_FILE)
         finally:
             model.graph.outputs.clear()
             model.graph.outputs.extend(saved)

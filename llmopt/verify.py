@@ -7,13 +7,13 @@ import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import onnx_ir as ir
 
+from llmopt import atomic
 from llmopt import ir as irx
 from llmopt.errors import InputError, VerificationError, first_line
 
@@ -198,8 +198,8 @@ def run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 @contextlib.contextmanager
 def saved(model: ir.Model):
     """``model`` saved to a temporary directory (external data); yields the .onnx path."""
-    with tempfile.TemporaryDirectory(prefix="llmopt-verify-") as tmp:
-        yield irx.save(model, Path(tmp) / irx.MODEL_FILE)
+    with atomic.temp_dir("verify") as tmp:
+        yield irx.save(model, tmp / irx.MODEL_FILE)
 
 
 def run_ir_model(model: ir.Model, feeds_list: list[dict[str, np.ndarray]], providers=("CPUExecutionProvider",)):

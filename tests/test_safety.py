@@ -182,10 +182,13 @@ def test_compile_sweeps_what_killed_runs_left(src, tmp_path):
     leftovers[1].write_text("{")
     alive = tmp_path / f".art.llmopt-new-{os.getpid()}-x3"  # a live writer's: kept
     alive.mkdir()
-    work = Path(atomic.tempfile.gettempdir()) / f"llmopt-work-{dead}-x4"
-    work.mkdir(exist_ok=True)
+    temp = Path(atomic.tempfile.gettempdir())
+    work = [temp / f"llmopt-work-{dead}-x4", temp / f"llmopt-verify-{dead}-x5", temp / f"llmopt-calib-{dead}-x6"]
+    for w in work:
+        w.mkdir(exist_ok=True)
     llmopt.compile(src, "cpu-fp32", out, report_path=tmp_path / "r.json", measure_speed=False)
-    assert not any(p.exists() for p in leftovers) and not work.exists() and alive.exists()
+    assert not any(p.exists() for p in leftovers + work) and alive.exists()
+    assert not list(temp.glob(f"llmopt-*-{os.getpid()}-*"))  # this process's own temp dirs are gone too
 
 
 def test_failed_compile_with_report_leaves_no_artifact_and_the_previous_one_intact(src, tmp_path):
