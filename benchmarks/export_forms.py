@@ -25,28 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 
-def ids_only_export(hf: Path, out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf).eval()
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids=input_ids, use_cache=False).logits
-
-    ids = torch.randint(0, model.config.vocab_size, (2, 7))
-    dims = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}}
-    program = torch.onnx.export(LogitsOnly().eval(), (ids,), dynamo=True, input_names=["input_ids"],
-                                output_names=["logits"], dynamic_shapes=dims)
-    program.save(str(out), external_data=True)
-    return out
-
-
 def time_artifacts(paths: list[str], pairs: int) -> list[dict]:
     """Each artifact's decode step against the first's, alternated (run in a fresh process)."""
     from llmopt import ir as irx
@@ -67,7 +45,7 @@ def main() -> None:
         return
     import llmopt
     from llmopt.exporter import export
-    from llmopt.models.architectures import build
+    from llmopt.models.architectures import build, export_input_ids_only
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmopt-forms-") as tmp:
@@ -76,7 +54,7 @@ def main() -> None:
         sources = {
             "llmopt export --with-past": export(hf, work / "past" / "model.onnx", with_past=True),
             "llmopt export (no cache)": export(hf, work / "plain" / "model.onnx"),
-            "torch.onnx.export(model, (input_ids,))": ids_only_export(hf, work / "ids.onnx"),
+            "torch.onnx.export(model, (input_ids,))": export_input_ids_only(hf, work / "ids.onnx"),
         }
         arts = {}
         for name, src in sources.items():

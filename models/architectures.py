@@ -78,3 +78,29 @@ def build(arch: str, out: str | Path, size: str = "tiny", seed: int = 0, layers:
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def export_input_ids_only(hf_dir: str | Path, out: str | Path) -> Path:
+    """The plainest export people write themselves, without llmopt: ``input_ids`` in, logits out,
+    no mask, no cache — ``torch.onnx.export(model, (input_ids,), dynamo=True)``, weights external.
+    An input llmopt did not make, for tests and benchmarks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    dims = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}}
+    program = torch.onnx.export(LogitsOnly().eval(), (ids,), dynamo=True, input_names=["input_ids"],
+                                output_names=["logits"], dynamic_shapes=dims)
+    out = Path(out)
+    program.save(str(out), external_data=True)
+    return out

@@ -63,25 +63,9 @@ def exported_ids_only(hf_dirs, tmp_path_factory):
 
     def get(arch: str) -> Path:
         if arch not in cache:
-            import torch
-            from transformers import AutoModelForCausalLM
+            from llmopt.models.architectures import export_input_ids_only
 
-            model = AutoModelForCausalLM.from_pretrained(hf_dirs(arch)).eval()
-
-            class LogitsOnly(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.model = model
-
-                def forward(self, input_ids):
-                    return self.model(input_ids=input_ids, use_cache=False).logits
-
-            ids = torch.randint(0, model.config.vocab_size, (2, 7))
-            dims = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}}
-            program = torch.onnx.export(LogitsOnly().eval(), (ids,), dynamo=True, input_names=["input_ids"],
-                                        output_names=["logits"], dynamic_shapes=dims)
-            cache[arch] = root / f"{arch}-ids.onnx"
-            program.save(str(cache[arch]), external_data=True)
+            cache[arch] = export_input_ids_only(hf_dirs(arch), root / f"{arch}-ids.onnx")
         return cache[arch]
 
     return get
