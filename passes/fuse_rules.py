@@ -282,7 +282,7 @@ def gqa_seqlens_from_shape(model: ir.Model, nodes: list[ir.Node]) -> int:
     if ids is None or "gqa_seqlens_k_from_shape" in {v.name for n in graph for v in n.outputs}:
         return 0
     past = nodes[0].inputs[3]
-    i32, i64 = ir.DataType.INT32, ir.DataType.INT64
+    i32 = ir.DataType.INT32
     const = lambda name, arr: ir.node("Constant", [], attributes={"value": ir.tensor(np.array(arr, dtype=np.int64))}, name=name)  # noqa: E731
     one, zero = const("gqa_shape_one", 1), const("gqa_shape_axes", [0])
     batch = ir.node("Shape", [ids], attributes={"start": 0, "end": 1}, name="gqa_shape_batch")
@@ -302,7 +302,6 @@ def gqa_seqlens_from_shape(model: ir.Model, nodes: list[ir.Node]) -> int:
     seqlens.outputs[0].name, total.outputs[0].name = "gqa_seqlens_k_from_shape", "gqa_total_sequence_length_from_shape"
     seqlens.outputs[0].shape, seqlens.outputs[0].type = ir.Shape([ids.shape[0]]), ir.TensorType(i32)
     total.outputs[0].shape, total.outputs[0].type = ir.Shape([]), ir.TensorType(i32)
-    del i64
     graph.insert_before(nodes[0], new)
     for node in nodes:
         node.replace_input_with(5, seqlens.outputs[0])

@@ -462,7 +462,7 @@ def interrupted_cases(base: Path, root: Path, n: int, rng: random.Random) -> lis
     span = time.monotonic() - started  # a whole compile, the interpreter's start included: signals land anywhere in it
     outcomes = []
     for i in range(n):
-        prev_art, prev_report = tree_digest(out), report.read_bytes()
+        prev_art = tree_digest(out)
         sig = signal.SIGINT if i % 2 == 0 else signal.SIGKILL
         target = rng.choice(["cpu-fp32", "cpu-int8", "cpu-int4"])
         proc = subprocess.Popen([PY, "-m", "llmopt", "compile", str(src / "model.onnx"), "-o", str(out), "--target", target,
@@ -486,7 +486,7 @@ def interrupted_cases(base: Path, root: Path, n: int, rng: random.Random) -> lis
         # the artifact at -o: the previous one byte for byte, or a whole new one
         now_whole = artifact_whole(out)
         o.previous_lost = not (tree_digest(out) == prev_art if os.path.isdir(out) else False) and not (finished or now_whole)
-        o.partial_output = (os.path.isdir(out) and not now_whole) or not _whole_json(report, prev_report)
+        o.partial_output = (os.path.isdir(out) and not now_whole) or not _whole_json(report)
         if sig == signal.SIGINT and not finished:  # Ctrl-C cleans up at once
             o.partial_output |= bool(leftovers(root, proc.pid))
         else:  # SIGKILL cannot: the next run that writes there sweeps
@@ -507,7 +507,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _whole_json(path: Path, previous: bytes) -> bool:
+def _whole_json(path: Path) -> bool:
     try:
         data = path.read_bytes()
         json.loads(data)
