@@ -8,6 +8,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -276,16 +277,13 @@ _signalled: list[int] = []  # the signals this process received (a library may t
 
 def _on_signal(signum, frame):
     _signalled.append(signum)
-    raise KeyboardInterrupt if signum == _SIGINT else Terminated()
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
 
 
-_SIGINT = 2
 INTERRUPTED = "interrupted; nothing was written (a previous output at that path is unchanged)"
 
 
 def _install_signal_handlers() -> None:
-    import signal
-
     if not threading_main():
         return
     signal.signal(signal.SIGTERM, _on_signal)

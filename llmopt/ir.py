@@ -94,17 +94,9 @@ def _check_types(proto, path: Path) -> None:
         return
     except Exception:  # noqa: BLE001 - onnx raises InferenceError, ValidationError, ...
         pass
-    import onnxruntime as ort
+    from llmopt.verify import make_session  # verify imports this module
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 4  # errors come back as exceptions (one line); ORT would also print them
-    try:
-        ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        msg = first_line(exc, 300).split(" failed:", 1)[-1].strip()
-        raise InputError(f"{path}: ONNX Runtime cannot load this model ({msg}); the file is damaged "
-                         "or uses what ONNX Runtime does not implement") from None
+    make_session(path, optimization="disable")  # raises the one-line InputError when ORT refuses it too
 
 
 # Graphs up to this size are serialized once at load to prove they can be written back (a copy of the
@@ -128,8 +120,8 @@ def check_graph(model: ir.Model, path: Path) -> None:
     """What every pass assumes of its input, checked once at load (no tensor bytes are read):
 
     the graph has outputs; the default-domain opset is a released one and each of its ops exists
-    there with only the attributes it defines; every value a node reads is defined before it
-    (a graph input, an initializer, an earlier node's output — no cycles, nothing missing); inline
+    there with only the attributes it defines; every value a node reads is defined (a graph input,
+    an initializer, a node's output — nothing missing) and the graph has no cycle; inline
     tensors hold as many bytes as their dtype and shape say.
     """
     import onnx

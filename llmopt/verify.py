@@ -163,12 +163,15 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     return so
 
 
-def make_session(path: str | os.PathLike, providers: Iterable[str] = ("CPUExecutionProvider",), threads: int | None = None):
-    """An ORT session over a model file (by path, so external data is mapped, never inlined)."""
+def make_session(path: str | os.PathLike, providers: Iterable[str] = ("CPUExecutionProvider",), threads: int | None = None,
+                 optimization: str = "all"):
+    """An ORT session over a model file (by path, so external data is mapped, never inlined); a model
+    ONNX Runtime refuses is an ``InputError`` (one line)."""
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimization),
+                                    providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph/InvalidArgument/NotImplemented...
         msg = first_line(exc, 400).split(" failed:", 1)[-1].strip()
         raise InputError(f"{path}: ONNX Runtime cannot load this model ({msg}); the file is damaged or "
