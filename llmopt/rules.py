@@ -121,11 +121,16 @@ def explain_rules(model: ir.Model, rules: RewriteRuleSet) -> list[dict]:
             out.append({"rule": name, "status": "no partial match", "reason": "no node matched the pattern's root"})
             continue
         info = best[0]
-        where = [getattr(x, "name", None) for x in info.match_result.failure_nodes_and_values][:3]
+        failed_at = list(info.match_result.failure_nodes_and_values)[:3]
+        where = [getattr(x, "name", None) for x in failed_at]
+        reason = info.match_result.reason or ("matched" if info.status == MatchStatus.SUCCESS else "no reason given")
+        found = [f"{x.op_type} '{x.name}'" for x in failed_at if isinstance(x, ir.Node)]
+        if found and "alternatives" in reason:  # onnxscript's OrValue says no more: name what was there
+            reason = f"{reason.rstrip('.')} (found {', '.join(found)})"
         out.append({
             "rule": name,
             "status": info.status.name.lower().replace("_", " "),
-            "reason": info.match_result.reason or ("matched" if info.status == MatchStatus.SUCCESS else "no reason given"),
+            "reason": reason,
             "at": info.root_node.name,
             "matched_nodes": len(info.match_result.nodes),
             "near": [w for w in where if w],

@@ -11,6 +11,19 @@ from pathlib import Path
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gpt2", "gemma")
 
+# Beyond the six the suite tests everywhere: the decoder-only architectures of the coverage sweep
+# (benchmarks/coverage.py, docs/coverage.md), as what their tiny config changes from ``_TINY``
+# (a value of None drops the key). Values a real checkpoint has where the default would hide a
+# variant: Granite's scalar multipliers (its defaults are all 1.0).
+EXTRA: dict[str, dict] = {
+    "granite": dict(embedding_multiplier=12.0, attention_multiplier=0.0078125, residual_multiplier=0.22,
+                    logits_scaling=8.0),
+    "qwen3": {}, "phi": {}, "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16), "olmo": {},
+    "olmo2": {}, "stablelm": {}, "gpt_neox": {}, "gptj": {}, "falcon": {}, "bloom": {}, "opt": {},
+    "starcoder2": {}, "cohere": {}, "glm": {}, "helium": {}, "smollm3": {}, "nemotron": {},
+    "gpt_bigcode": {}, "persimmon": {}, "codegen": {}, "olmo3": {},
+}
+
 _TINY = dict(
     vocab_size=512,
     hidden_size=64,
@@ -40,8 +53,11 @@ def config(arch: str, size: str = "tiny", layers: int | None = None):
     """A transformers config for ``arch`` at ``size`` ('tiny', '50m' or '300m'); ``layers`` overrides the depth of 'tiny'."""
     from transformers import AutoConfig
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHITECTURES)}")
+    if arch not in ARCHITECTURES and arch not in EXTRA:
+        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHITECTURES + tuple(EXTRA))}")
+    if size == "tiny" and arch in EXTRA:
+        kw = {k: v for k, v in {**_TINY, "num_hidden_layers": layers or 2, **EXTRA[arch]}.items() if v is not None}
+        return AutoConfig.for_model(arch, **kw)
     if size == "tiny":
         if arch == "gpt2":
             return AutoConfig.for_model(
@@ -102,5 +118,40 @@ def export_input_ids_only(hf_dir: str | Path, out: str | Path) -> Path:
     program = torch.onnx.export(LogitsOnly().eval(), (ids,), dynamo=True, input_names=["input_ids"],
                                 output_names=["logits"], dynamic_shapes=dims)
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(out), external_data=True)
+    return out
+
+
+def export_torchscript(hf_dir: str | Path, out: str | Path, attn_implementation: str | None = None) -> Path:
+    """The TorchScript export (``torch.onnx.export(..., dynamo=False)``, the exporter Hugging Face
+    Optimum uses): ``input_ids`` and ``attention_mask`` in, logits out, traced at batch 2, dynamic
+    batch and sequence; weights external. An input llmopt did not make, for tests and benchmarks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs).eval()
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    dims = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"}}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(LogitsOnly().eval(), (ids, mask), str(out), dynamo=False, opset_version=18,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=dims)
+    import onnx
+
+    proto = onnx.load(str(out))
+    onnx.save(proto, str(out), save_as_external_data=True, location=out.name + ".data")
     return out

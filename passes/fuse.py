@@ -10,14 +10,21 @@ rotary_angles          transformers ≥ 5 rotary angles → the MatMul form     
 identity_reshape       drop a Reshape to the shape its input has (Phi-3)       llmopt
 flattened_linear       Reshape→MatMul→Reshape around linears (GPT-2) → MatMul  llmopt
 (prepare)              shape inference, constant folding, shape rules          onnxscript
+reshape_dims_from_...  run-time assembled Reshape shapes → constants (static   llmopt
+                       head counts; TorchScript / Optimum exports)
+scalar_where,          TorchScript's mask idioms → the form the rules match     llmopt
+finite_mask,           (fuse_canonical.py)
+reciprocal_div
 canonical_dims         ``seq + past`` and ``past + seq`` spelled alike         llmopt
 rms_normalization      RMSNorm → ``SimplifiedLayerNormalization``              onnxscript
 skip_*_normalization   residual Add + norm → ``Skip(Simplified)LayerNorm``     onnxscript
 rotary_embedding       rotate-half → ``RotaryEmbedding``                       onnxscript
 cos_sin_cache          cos/sin of the angles → shared cache initializers       onnxscript
 partial_rotary_...     rotary over part of the head (Phi)                      onnxscript
+rotary_positions_...   ``[1, S]`` position ids → ``[batch, S]`` (no-cache exports)  llmopt
 sdpa                   MatMul/Softmax/mask chain → SDPA (internal)             onnxscript
-gqa                    SDPA with grouped K/V + rotary → ``GroupQueryAttention``  onnxscript
+gqa                    SDPA with grouped K/V + rotary → ``GroupQueryAttention``  onnxscript,
+                       (with the graph's attention scale)                      llmopt
 gqa_seqlens_from_mask  GQA's lengths from ``attention_mask`` (else per row     llmopt
                        from ``input_ids``' shape)
 pack_qkv               three Q/K/V MatMuls → one packed MatMul                 llmopt
@@ -56,7 +63,6 @@ from onnxscript.rewriter.ort_fusions import (
     cos_sin_cache,
     erfgelu,
     gelu,
-    gqa,
     gqa_packed_qkv,
     mha,
     mha_bias,
@@ -69,10 +75,13 @@ from onnxscript.rewriter.ort_fusions import (
     skip_normalization,
 )
 
+from llmopt.errors import first_line
 from llmopt.pass_base import Pass, option
 from llmopt.registry import register_pass
 from llmopt.rules import explain_rules
+from llmopt.passes import fuse_canonical as canon
 from llmopt.passes import fuse_rules as ours
+from llmopt.passes.fuse_guard import NumericGuard
 
 ATTENTION_MODES = ("auto", "gqa", "mha", "none")
 FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate ops (SDPA, ...), not runnable
@@ -87,6 +96,8 @@ class FuseOptions:
     gelu: bool = option(True, "GELU forms → Gelu / FastGelu / BiasGelu")
     silu: bool = option(False, "x·Sigmoid(x) → QuickGelu(alpha=1) (off: no measurable gain on CPU, docs/benchmarks.md)")
     clear_metadata: bool = option(False, "drop node metadata and doc strings (exporter stack traces)")
+    guard: bool = option(True, "keep a group of rewrites only if the graph still computes what it did "
+                               "(ONNX Runtime, batch 2, with and without past); roll it back otherwise")
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
@@ -104,7 +115,7 @@ class Stage:
     func: Callable[[ir.Model], int] | None = None
     enabled: Callable[[FuseOptions], bool] = lambda o: True
     shape_inference: bool = False  # re-infer shapes after it fired (rules that add nodes)
-    group: str = ""  # "attention": the stages run as one transaction (see Fuse.run)
+    group: str = ""  # consecutive stages of a group are one unit: checked and rolled back together
 
 
 def _rules(*rules) -> pattern.RewriteRuleSet:
@@ -132,19 +143,29 @@ STAGES: tuple[Stage, ...] = (
     Stage("rotary_angles", _rules(ours.RotaryAngles.rule()), enabled=lambda o: o.rotary),
     Stage("identity_reshape", _rules(ours.IdentityReshape.rule())),
     Stage("flattened_linear", _rules(*(ours.FlattenedLinear.rule(b, "reshape") for b in (True, False)))),
+    Stage("reshape_dims_from_shape", func=canon.reshape_dims_from_shape),
+    Stage("static_dims", func=canon.static_dims),
+    Stage("scalar_where", func=canon.scalar_where),
+    Stage("finite_mask", func=canon.finite_mask),
+    Stage("reciprocal_div", _rules(canon.ReciprocalDiv.rule())),
     Stage("prepare", func=_prepare),
+    Stage("reinfer_shapes", func=canon.reinfer_shapes),
+    # again, with the shapes the first round made known (TorchScript's chains resolve in two steps)
+    Stage("reshape_dims_from_shape", func=canon.reshape_dims_from_shape, shape_inference=True),
+    Stage("identity_reshape", _rules(ours.IdentityReshape.rule())),
     Stage("canonical_dims", func=ours.canonical_dims),
     Stage("erf_gelu", erfgelu.rules, enabled=lambda o: o.gelu),
     Stage("rms_normalization", rms_normalization.rms_normalization_ruleset, enabled=lambda o: o.norm),
     Stage("skip_layer_normalization", skip_normalization.skip_layer_normalization_ruleset, enabled=lambda o: o.norm),
     Stage("skip_rms_normalization", skip_normalization.skip_rms_normalization_ruleset, enabled=lambda o: o.norm),
     Stage("rotary_embedding", rotary_embedding.rotary_embedding_rules, enabled=lambda o: o.rotary),
-    Stage("cos_sin_cache", cos_sin_cache.cos_sin_cache_rules, enabled=lambda o: o.rotary),
-    Stage("cse", func=_cse),
-    Stage("partial_rotary_embedding", rotary_embedding.partial_embedding_rules, enabled=lambda o: o.rotary),
+    Stage("cos_sin_cache", cos_sin_cache.cos_sin_cache_rules, enabled=lambda o: o.rotary, group="rotary"),
+    Stage("cse", func=_cse, group="rotary"),
+    Stage("partial_rotary_embedding", rotary_embedding.partial_embedding_rules, enabled=lambda o: o.rotary, group="rotary"),
+    Stage("rotary_positions_per_row", func=ours.rotary_positions_per_row, enabled=lambda o: o.rotary, group="rotary"),
     Stage("sdpa", sdpa.sdpa_rules, enabled=_attn("auto", "gqa", "mha"), shape_inference=True, group="attention"),
     Stage("canonical_dims_after_sdpa", func=ours.canonical_dims, enabled=_attn("auto", "gqa", "mha"), group="attention"),
-    Stage("gqa", gqa.gqa_rules, enabled=_attn("auto", "gqa"), group="attention"),
+    Stage("gqa", _rules(ours.ScaledGQA.rule()), enabled=_attn("auto", "gqa"), group="attention"),
     Stage("gqa_seqlens_from_mask", func=ours.gqa_seqlens_from_mask, enabled=_attn("auto", "gqa"), group="attention"),
     Stage("pack_qkv", _rules(*(ours.PackQKV.rule(b, p) for b in (False, True) for p in (True, False))),
           enabled=lambda o: o.pack_qkv and o.attention in ("auto", "gqa"), group="attention"),
@@ -165,7 +186,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 # Stages that are plumbing, not fusions: never counted or explained.
-_PLUMBING = {"prepare", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
+_PLUMBING = {"prepare", "reinfer_shapes", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
 
 
 def _structure(model: ir.Model) -> tuple:
@@ -184,6 +205,16 @@ def _structure(model: ir.Model) -> tuple:
     )
 
 
+@dataclasses.dataclass
+class _State:
+    """What a rollback restores: the graph (a clone; tensors shared), counters, explanations, warnings."""
+
+    model: ir.Model
+    counters: dict[str, int]
+    explained: int
+    warned: int
+
+
 @register_pass
 class Fuse(Pass):
     name = "fuse"
@@ -192,54 +223,162 @@ class Fuse(Pass):
 
     def run(self, model: ir.Model) -> bool:
         before = _structure(model)
-        snapshot = None
-        for i, stage in enumerate(STAGES):
-            if stage.group == "attention" and snapshot is None:
-                snapshot, counted = model.clone(), dict(self.counters)  # tensors are shared, not copied
-            if stage.group != "attention" and snapshot is not None:
-                self._commit_or_roll_back(model, snapshot, counted)
-                snapshot = False  # the transaction is over
-            if not stage.enabled(self.options):
-                continue
-            if stage.func is not None:
-                n = stage.func(model)
-            else:
-                n = stage.rules.apply_to_model(model)
-                if n and stage.shape_inference:
-                    common_passes.ShapeInferencePass()(model)
-                if not n and self.explain:
-                    for entry in explain_rules(model, stage.rules):
-                        self.explain_why(stage=stage.name, **entry)
-            if n and stage.name not in _PLUMBING:
-                self.count(stage.name, n)
-        if snapshot:
-            self._commit_or_roll_back(model, snapshot, counted)
-        optimize(model)  # inline fusion helpers no rule consumed; drop dead nodes
-        pattern.RewriteRuleSet(ORT_PATTERN_REWRITE_RULES).apply_to_model(model)
-        ir.passes.Sequential(
-            common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
-            common_passes.RemoveInitializersFromInputsPass(),
-            common_passes.ShapeInferencePass(),
-        )(model)
+        self._guard = self._make_guard(model) if self.options.guard else None
+        units = _units([s for s in STAGES if s.enabled(self.options)])
+        for span in _spans(units):
+            self._run_span(model, span)
+        self._run_span(model, [(_FINISH,)])
         if self.options.clear_metadata:
             common_passes.ClearMetadataAndDocStringPass()(model)
         return _structure(model) != before
 
-    def _commit_or_roll_back(self, model: ir.Model, snapshot: ir.Model, counted: dict[str, int]) -> None:
+    # ------------------------------------------------------------------ guarded spans
+
+    def _make_guard(self, model: ir.Model) -> NumericGuard | None:
+        try:
+            return NumericGuard(model)
+        except Exception as exc:  # noqa: BLE001 - e.g. a graph only another provider runs
+            self.warn(f"rewrites not checked numerically: the graph it was given does not run on "
+                      f"ONNX Runtime's CPU provider ({first_line(exc, 160)}); the compile's verification still applies")
+            return None
+
+    def _run_span(self, model: ir.Model, span: list[tuple[Stage, ...]]) -> None:
+        """Run the units of a span, checked once at its end; if the span disagrees, replay it unit by
+        unit from where it started, checking each, and roll back the units that disagree."""
+        state = self._save(model)
+        start = _structure(model)
+        for unit in span:
+            self._run_unit(model, unit)
+        if self._guard is None or _structure(model) == start:
+            return
+        bad = self._guard.disagreement(model)
+        if bad is None:
+            return
+        if len(span) == 1:
+            self._roll_back(model, state, span[0], bad)
+            return
+        self._restore(model, state)
+        for unit in span:
+            unit_state, unit_start = self._save(model), _structure(model)
+            self._run_unit(model, unit)
+            if _structure(model) == unit_start:
+                continue
+            bad = self._guard.disagreement(model)
+            if bad is not None:
+                self._roll_back(model, unit_state, unit, bad)
+
+    def _run_unit(self, model: ir.Model, unit: tuple[Stage, ...]) -> None:
+        attention = unit[0].group == "attention"
+        state = self._save(model) if attention else None
+        for stage in unit:
+            self._run_stage(model, stage)
+        if attention:
+            self._commit_or_roll_back(model, state)
+
+    def _run_stage(self, model: ir.Model, stage: Stage) -> None:
+        if stage.func is not None:
+            n = stage.func(model)
+            if n and stage.shape_inference:
+                common_passes.ShapeInferencePass()(model)
+        else:
+            n = stage.rules.apply_to_model(model)
+            if n and stage.shape_inference:
+                common_passes.ShapeInferencePass()(model)
+            if not n and self.explain:
+                for entry in explain_rules(model, stage.rules):
+                    self.explain_why(stage=stage.name, **entry)
+        if n and stage.name not in _PLUMBING:
+            self.count(stage.name, n)
+
+    def _save(self, model: ir.Model) -> _State:
+        model.graph.sort()  # a rewrite may leave a consumer before its new producer; cloning needs order
+        return _State(model.clone(), dict(self.counters), len(self.explanations), len(self.warnings))
+
+    def _restore(self, model: ir.Model, state: _State, drop_notes: bool = True) -> None:
+        """Back to ``state``; ``drop_notes``: also forget explanations and warnings made since (a span
+        about to be replayed makes them again; a rolled-back unit keeps them: they say why)."""
+        snapshot = state.model.clone()  # the state may be restored again (a span replayed)
+        model.graph = snapshot.graph
+        model.functions.clear()
+        model.functions.update(snapshot.functions)
+        self.counters.clear()
+        self.counters.update(state.counters)
+        if drop_notes:
+            del self.explanations[state.explained:]
+            del self.warnings[state.warned:]
+
+    def _roll_back(self, model: ir.Model, state: _State, unit: tuple[Stage, ...], bad) -> None:
+        """Undo ``unit``: its rewrites change what the graph computes (or make it unrunnable)."""
+        name = _unit_name(unit)
+        fired = [s.name for s in unit if self.counters.get(s.name, 0) > state.counters.get(s.name, 0)]
+        where = self._guard.locate(state.model, model)
+        self._restore(model, state, drop_notes=False)
+        self.count("rolled_back", 1)
+        what = f"{name} ({', '.join(fired)})" if fired and fired != [name] else name
+        at = f"; first disagreement at {where}" if where else ""
+        self.warn(f"rolled back {what}: the rewritten graph disagrees with the graph before it "
+                  f"({bad}{at}); left unfused there (--explain fuse)")
+        if self.explain:
+            self.explain_why(stage=name, rule=name, status="rolled back",
+                             reason=f"numerical guard: {bad} on the samples {self._guard.samples}",
+                             at=where or None, matched_nodes=0, near=fired)
+
+    def _commit_or_roll_back(self, model: ir.Model, state: _State) -> None:
         """Attention fuses in two steps (subgraph → internal SDPA → a kernel). An SDPA that no kernel
         rule took (e.g. ``attention=gqa`` on a model without rotary) cannot run, so the attention
         stages are undone as a whole and the attention left as exported: fail safe."""
         stuck = [n.name for n in model.graph if n.domain == FUSION_DOMAIN]
         if not stuck:
             return
-        model.graph = snapshot.graph
-        model.functions.clear()
-        model.functions.update(snapshot.functions)
-        self.counters.clear()
-        self.counters.update(counted)
+        self._restore(model, state, drop_notes=False)
         self.count("attention_left_unfused", len(stuck))
         if self.explain:
             self.explain_why(stage="attention", rule="attention", status="rolled back",
                              reason=f"{len(stuck)} attention subgraph(s) matched SDPA but no kernel rule enabled by "
                                     f"attention={self.options.attention} took them; attention left as exported",
                              at=stuck[0], matched_nodes=0, near=stuck[1:3])
+
+
+def _finish(model: ir.Model) -> int:
+    """Inline fusion helpers no rule consumed, drop dead nodes, ORT's own small rewrites, then lift
+    constants and re-infer shapes."""
+    optimize(model)
+    pattern.RewriteRuleSet(ORT_PATTERN_REWRITE_RULES).apply_to_model(model)
+    ir.passes.Sequential(
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+        common_passes.RemoveInitializersFromInputsPass(),
+        common_passes.ShapeInferencePass(),
+    )(model)
+    return 0
+
+
+_FINISH = Stage("finish", func=_finish)
+_PLUMBING.add("finish")
+
+# Spans: stages checked together (a span that disagrees is replayed unit by unit). A span starts at
+# each of these stages; the attention stages are one unit (they only run as a whole).
+_SPAN_STARTS = {"gemm_to_matmul", "erf_gelu", "sdpa", "gelu"}
+
+
+def _units(stages: list[Stage]) -> list[tuple[Stage, ...]]:
+    units: list[tuple[Stage, ...]] = []
+    for s in stages:
+        if s.group and units and units[-1][0].group == s.group:
+            units[-1] = units[-1] + (s,)
+        else:
+            units.append((s,))
+    return units
+
+
+def _spans(units: list[tuple[Stage, ...]]) -> list[list[tuple[Stage, ...]]]:
+    spans: list[list[tuple[Stage, ...]]] = []
+    for u in units:
+        if not spans or u[0].name in _SPAN_STARTS or u[0].group or spans[-1][-1][0].group:
+            spans.append([u])
+        else:
+            spans[-1].append(u)
+    return spans
+
+
+def _unit_name(unit: tuple[Stage, ...]) -> str:
+    return unit[0].group or unit[0].name

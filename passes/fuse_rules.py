@@ -14,12 +14,16 @@ those fusions leave for ONNX Runtime:
 - ``gqa_seqlens_from_mask``: ``GroupQueryAttention``'s ``seqlens_k`` / ``total_sequence_length``
   computed once from the graph's ``attention_mask`` (per-row lengths, right padding) instead of
   from position ids, which are ``[1, S]`` in exports without a KV cache.
+- ``rotary_positions_per_row``: a ``RotaryEmbedding`` fed ``[1, S]`` position ids (exports
+  without a KV cache) gets them expanded to ``[batch, S]``, which ONNX Runtime's kernel requires.
 - ``SlicedQKV`` (``sliced_qkv``): Phi-3's sliced packed projection → the packed GQA input, with
   or without a KV cache.
 - ``FlattenedLinear`` (``flattened_linear``, ``flattened_linear_after_mha``): GPT-2's 2-D
   Reshape → MatMul (+ bias) → Reshape back → one MatMul over the 3-D input.
 - ``GeluTanhHalfFirst`` (``gelu_half_first``): torch's tanh-GELU export → ``FastGelu``;
   ``FastGeluBias`` (``fast_gelu_bias``): the preceding bias Add into ``FastGelu``'s bias input.
+- ``ScaledGQA`` (``gqa``): onnxscript's GroupQueryAttention rule, keeping the graph's attention
+  scale (onnxscript's drops it: Granite's or Gemma's own scale fused to wrong numbers).
 - ``SiluAsQuickGelu`` (``silu``): ``x * Sigmoid(x)`` → ``QuickGelu(x, alpha=1)``, one kernel.
 """
 
@@ -30,6 +34,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.ort_fusions import gqa
 
 from llmopt import ir as irx
 
@@ -309,6 +314,56 @@ def gqa_seqlens_from_shape(model: ir.Model, nodes: list[ir.Node]) -> int:
     return len(nodes)
 
 
+def _one_row(v: ir.Value) -> bool:
+    """``v`` is ``[1, S]``: by its shape, or (shapes not inferred yet) as ``Unsqueeze(range, [0])``."""
+    if v.shape is not None:
+        return len(v.shape) == 2 and v.shape[0] == 1
+    node = v.producer()
+    if node is None or node.op_type != "Unsqueeze" or len(node.inputs) < 2:
+        return False
+    src = node.inputs[0]
+    return _ints(node.inputs[1]) == [0] and src is not None and src.shape is not None and len(src.shape) == 1
+
+
+def rotary_positions_per_row(model: ir.Model) -> int:
+    """Give every ``RotaryEmbedding`` position ids with one row per batch row.
+
+    An export without a KV cache computes positions as a ``[1, S]`` range that broadcasts over the
+    batch; ONNX Runtime's ``RotaryEmbedding`` (and the ``GroupQueryAttention`` sequence lengths
+    derived from it) want ``[batch, S]``. The range is expanded to the batch of ``input_ids``
+    (else of the rotary input): the same positions in every row, as the source computed."""
+    graph = model.graph
+    ids = next((v for v in graph.inputs if v.name == "input_ids" and v.shape is not None and len(v.shape) == 2), None)
+    expanded: dict[int, ir.Value] = {}
+    n = 0
+    for node in list(graph):
+        if node.op_type != "RotaryEmbedding" or node.domain != MS or len(node.inputs) < 2:
+            continue
+        pos = node.inputs[1]
+        if pos is None or not _one_row(pos):
+            continue
+        if id(pos) not in expanded:
+            source = ids if ids is not None else node.inputs[0]
+            tag = f"{pos.name or 'positions'}_per_row"
+            batch = ir.node("Shape", [source], attributes={"start": 0, "end": 1}, name=f"{tag}_batch")
+            seq = ir.node("Shape", [pos], attributes={"start": 1, "end": 2}, name=f"{tag}_seq")
+            shape = ir.node("Concat", [batch.outputs[0], seq.outputs[0]], attributes={"axis": 0}, name=f"{tag}_shape")
+            rows = ir.node("Expand", [pos, shape.outputs[0]], name=tag)
+            out = rows.outputs[0]
+            out.name, out.type = tag, pos.type or ir.TensorType(ir.DataType.INT64)
+            seq_dim = pos.shape[1] if pos.shape is not None else "sequence_length"
+            out.shape = ir.Shape([source.shape[0] if source.shape is not None else "batch", seq_dim])
+            producer = pos.producer()
+            if producer is not None:
+                graph.insert_after(producer, [batch, seq, shape, rows])
+            else:
+                graph.insert_before(next(iter(graph)), [batch, seq, shape, rows])
+            expanded[id(pos)] = out
+        node.replace_input_with(1, expanded[id(pos)])
+        n += 1
+    return n
+
+
 class SiluAsQuickGelu(pattern.RewriteRuleClassBase):
     """``Mul(x, Sigmoid(x))`` → ``QuickGelu(x, alpha=1.0)`` (com.microsoft): SiLU in one kernel."""
 
@@ -461,3 +516,29 @@ class SlicedQKV(pattern.RewriteRuleClassBase):
         attrs = {k: a.value for k, a in gqa.attributes.items()}
         return op.GroupQueryAttention(p, None, None, past_key, past_value, seqlens_k, total_len, cos, sin,
                                       _domain=MS, _outputs=3, **attrs)
+
+
+class ScaledGQA(gqa.GroupQueryAttention):
+    """onnxscript's ``GroupQueryAttention`` rule, carrying the attention scale.
+
+    The SDPA it consumes records the scale the graph applies to ``Q·Kᵀ`` (``None``: the default
+    1/√head_size); onnxscript's rule drops it, so a model with its own scale (Granite's
+    ``attention_multiplier``, Gemma's ``query_pre_attn_scalar``) fused to the wrong numbers. The
+    kernel takes the scale as an attribute; this rule sets it.
+    """
+
+    def check(self, context, query_BHSDh_rope, **kwargs):
+        result = super().check(context, query_BHSDh_rope=query_BHSDh_rope, **kwargs)
+        if not result:
+            return result
+        sdpa = next((u.node for u in query_BHSDh_rope.uses() if u.node.op_type == "SDPA"), None)
+        scale = sdpa.attributes.get("scale") if sdpa is not None else None
+        self._scale = None if scale is None or scale.value is None else float(scale.value)
+        return result
+
+    def rewrite(self, op, **kwargs):
+        outputs = super().rewrite(op, **kwargs)
+        if self._scale is not None:
+            node = outputs[0].producer()
+            node.attributes["scale"] = ir.AttrFloat32("scale", self._scale)
+        return outputs

@@ -1,0 +1,296 @@
+"""Canonical input form: idioms other exporters write, rewritten to the form the fusion rules expect.
+
+The TorchScript exporter (``torch.onnx.export(..., dynamo=False)``, which Hugging Face Optimum uses)
+spells the same computation differently from the dynamo exporter the fusion rules were written
+against. Each rewrite here computes exactly what it replaces (the ``fuse`` pass's numerical guard
+checks that too):
+
+- ``reciprocal_div``: ``Div(1, x)`` → ``Reciprocal(x)`` (TorchScript's ``rsqrt``).
+- ``reshape_dims_from_shape``: a ``Reshape`` whose target shape is assembled at run time from the
+  dims of a tensor (``Concat(Unsqueeze(Gather(Shape(t), i)), …, -1, 16)``) → a constant shape that
+  copies those dims (``[0, 0, -1, 16]``) where the symbolic shapes prove they are the same dims.
+  Shape inference then sees static head counts, which the attention rules need.
+- ``static_dims``: ``Gather(Shape(x), i)`` of a dim the shapes know → a constant (TorchScript
+  computes ``head_dim / 2`` that way for rotary's halves), and ``ReduceMean``'s default
+  ``noop_with_empty_axes=0`` written out, as the norm rules match it.
+- ``scalar_where``: a ``Where`` choosing between one-element constants (``[0.0]``, ``[-inf]``)
+  → scalars, as the rules match them.
+- ``finite_mask``: the attention mask ``Where(keep, 0, -inf)`` → ``Where(keep, 0, lowest float)``
+  (Hugging Face's eager form), and the guard ``Where(IsNaN(p), 0, p)`` after its softmax dropped:
+  with a finite mask a softmax row is never NaN. Real tokens see identical numbers; a query row
+  with no visible key at all (only padding rows have none) averages instead of being zeroed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from llmopt import ir as irx
+
+
+def _const(v: ir.Value | None) -> np.ndarray | None:
+    if v is None or v.const_value is None:
+        return None
+    try:
+        return v.const_value.numpy()
+    except Exception:  # noqa: BLE001 - an unreadable constant is simply not matched
+        return None
+
+
+def _is_default(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+class ReciprocalDiv(pattern.RewriteRuleClassBase):
+    """``Div(1, x)`` → ``Reciprocal(x)``."""
+
+    def pattern(self, op, one, x):
+        return op.Div(one, x)
+
+    def check(self, context, one, x, **_):
+        c = _const(one)
+        rank_ok = c is not None and (c.ndim == 0 or (x.shape is not None and c.ndim <= len(x.shape)))
+        return rank_ok and c.size == 1 and float(c.reshape(())) == 1.0
+
+    def rewrite(self, op, x, **_):
+        return op.Reciprocal(x)
+
+
+def _dim_source(v: ir.Value) -> tuple[ir.Value, int] | None:
+    """``v`` is a one-element int64 piece ``Unsqueeze(Gather(Shape(t), i), [0])`` (or
+    ``Shape(t, start=i, end=i+1)``): (t, i)."""
+    node = v.producer()
+    if node is None or not _is_default(node):
+        return None
+    if node.op_type == "Shape":
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", None)
+        t = node.inputs[0]
+        if t is None or t.shape is None:
+            return None
+        rank = len(t.shape)
+        start = start + rank if start < 0 else start
+        end = rank if end is None else (end + rank if end < 0 else end)
+        return (t, start) if end - start == 1 else None
+    if node.op_type != "Unsqueeze" or len(node.inputs) < 2 or _const(node.inputs[1]) is None:
+        return None
+    if _const(node.inputs[1]).reshape(-1).tolist() != [0]:
+        return None
+    gather = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if gather is None or gather.op_type != "Gather" or not _is_default(gather) or gather.attributes.get_int("axis", 0) != 0:
+        return None
+    idx = _const(gather.inputs[1])
+    shape_node = gather.inputs[0].producer() if gather.inputs[0] is not None else None
+    if idx is None or idx.size != 1 or shape_node is None or shape_node.op_type != "Shape" or not _is_default(shape_node):
+        return None
+    if shape_node.attributes.get_int("start", 0) != 0 or shape_node.attributes.get("end") is not None:
+        return None
+    t = shape_node.inputs[0]
+    if t is None or t.shape is None:
+        return None
+    i = int(idx.reshape(()))
+    return (t, i + len(t.shape) if i < 0 else i)
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
+def reshape_dims_from_shape(model: ir.Model) -> int:
+    """Reshapes to a run-time assembled shape → a constant shape copying dims (0) where proven."""
+    import onnx_ir.passes.common as common_passes
+
+    common_passes.ShapeInferencePass()(model)  # the proof reads symbolic shapes
+    graph = model.graph
+    n = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or not _is_default(node) or node.attributes.get_int("allowzero", 0) != 0:
+            continue
+        x, shape = node.inputs[0], node.inputs[1]
+        concat = shape.producer() if shape is not None else None
+        if x is None or x.shape is None or concat is None or concat.op_type != "Concat" or not _is_default(concat):
+            continue
+        dims: list[int] = []
+        for k, piece in enumerate(concat.inputs):
+            c = _const(piece)
+            if c is not None:
+                if c.size != 1:
+                    dims = []
+                    break
+                dims.append(int(c.reshape(())))
+                continue
+            src = _dim_source(piece) if piece is not None else None
+            if src is None:
+                dims = []
+                break
+            t, i = src
+            if i >= len(t.shape):
+                dims = []
+                break
+            if isinstance(t.shape[i], int):
+                dims.append(int(t.shape[i]))
+            elif k < len(x.shape) and _same_dim(x.shape[k], t.shape[i]):
+                dims.append(0)  # Reshape copies dim k of its input: the same dim, by the shapes
+            else:
+                dims = []
+                break
+        if not dims or dims.count(-1) > 1 or len(dims) != len(concat.inputs):
+            continue
+        const = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(dims, dtype=np.int64))},
+                        name=f"{node.name}_shape")
+        graph.insert_before(node, const)
+        node.replace_input_with(1, const.outputs[0])
+        n += 1
+    return n
+
+
+def static_dims(model: ir.Model) -> int:
+    """``Gather(Shape(x), i)`` (scalar ``i``) where ``x.shape[i]`` is a known int → that int."""
+    n = 0
+    for node in list(model.graph):
+        if node.op_type == "ReduceMean" and _is_default(node) and "noop_with_empty_axes" not in node.attributes \
+                and len(node.inputs) > 1:
+            node.attributes["noop_with_empty_axes"] = ir.AttrInt64("noop_with_empty_axes", 0)  # the default
+            n += 1
+        if node.op_type == "Range" and _is_default(node):
+            n += _name_range_length(node)
+            continue
+        if node.op_type != "Gather" or not _is_default(node) or node.attributes.get_int("axis", 0) != 0:
+            continue
+        shape_node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        idx = _const(node.inputs[1])
+        if shape_node is None or shape_node.op_type != "Shape" or not _is_default(shape_node) or idx is None or idx.ndim != 0:
+            continue
+        x = shape_node.inputs[0]
+        if x is None or x.shape is None or shape_node.attributes.get_int("start", 0) != 0 \
+                or shape_node.attributes.get("end") is not None:
+            continue
+        i = int(idx)
+        i = i + len(x.shape) if i < 0 else i
+        if not 0 <= i < len(x.shape) or not isinstance(x.shape[i], int):
+            continue
+        const = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(x.shape[i], dtype=np.int64))},
+                        name=f"{node.name}_static")
+        model.graph.insert_before(node, const)
+        irx.replace_value(node.outputs[0], const.outputs[0])
+        n += 1
+    return n
+
+
+def _name_range_length(node: ir.Node) -> int:
+    """``Range(0, Gather(Shape(x), i), 1)`` has length ``x.shape[i]``: say so in its shape (shape
+    inference cannot), so the positions it makes broadcast against ``x``'s dim by name."""
+    start, delta = _const(node.inputs[0]), _const(node.inputs[2])
+    limit = node.inputs[1]
+    if start is None or delta is None or start.size != 1 or delta.size != 1 or limit is None:
+        return 0
+    if int(start.reshape(())) != 0 or int(delta.reshape(())) != 1:
+        return 0
+    gather = limit.producer()
+    if gather is None or gather.op_type != "Gather" or _const(gather.inputs[1]) is None:
+        return 0
+    shape_node = gather.inputs[0].producer() if gather.inputs[0] is not None else None
+    if shape_node is None or shape_node.op_type != "Shape" or shape_node.attributes.get_int("start", 0) != 0:
+        return 0
+    x, i = shape_node.inputs[0], int(_const(gather.inputs[1]).reshape(()))
+    if x is None or x.shape is None or not -len(x.shape) <= i < len(x.shape):
+        return 0
+    dim = x.shape[i]
+    out = node.outputs[0]
+    if out.shape is not None and len(out.shape) == 1 and _same_dim(out.shape[0], dim):
+        return 0
+    out.shape = ir.Shape([dim])
+    return 1
+
+
+def reinfer_shapes(model: ir.Model) -> int:
+    """Shape inference again, forgetting the intermediate shapes it could not name before (``unk__``
+    dims: exporter placeholders the rewrites above may now resolve)."""
+    import onnx_ir.passes.common as common_passes
+
+    outputs = {id(v) for v in model.graph.outputs}
+    for node in model.graph:
+        for v in node.outputs:
+            if id(v) not in outputs and v.shape is not None and any(
+                    not isinstance(d, int) and (d.value is None or str(d.value).startswith("unk__")) for d in v.shape):
+                v.shape = None
+    common_passes.ShapeInferencePass()(model)
+    return 0
+
+
+def scalar_where(model: ir.Model) -> int:
+    """``Where(c, [a], [b])`` with one-element constant branches → scalar branches (same result:
+    the condition has at least their rank, so broadcasting is unchanged)."""
+    n = 0
+    for node in list(model.graph):
+        if node.op_type != "Where" or not _is_default(node):
+            continue
+        cond = node.inputs[0]
+        if cond is None or cond.shape is None:
+            continue
+        for i in (1, 2):
+            c = _const(node.inputs[i])
+            if c is None or c.size != 1 or c.ndim == 0 or c.ndim > len(cond.shape):
+                continue
+            scalar = ir.node("Constant", [], attributes={"value": ir.tensor(c.reshape(()))},
+                             name=f"{node.name}_scalar_{i}")
+            model.graph.insert_before(node, scalar)
+            node.replace_input_with(i, scalar.outputs[0])
+            n += 1
+    return n
+
+
+def finite_mask(model: ir.Model) -> int:
+    """``Where(keep, 0, -inf)`` feeding ``Add → Softmax`` → the lowest finite float; the softmax's
+    NaN guard ``Where(IsNaN(p), 0, p)`` then dropped."""
+    graph = model.graph
+    n = 0
+    for node in list(graph):
+        if node.op_type != "Where" or not _is_default(node):
+            continue
+        zero, neg = _const(node.inputs[1]), _const(node.inputs[2])
+        if zero is None or neg is None or zero.size != 1 or neg.size != 1:
+            continue
+        if float(zero.reshape(())) != 0.0 or not np.isneginf(neg.reshape(())):
+            continue
+        if not all(u.node.op_type == "Add" and _feeds_softmax(u.node) for u in node.outputs[0].uses()):
+            continue
+        lowest = np.array(np.finfo(neg.dtype).min, dtype=neg.dtype).reshape(neg.shape)
+        const = ir.node("Constant", [], attributes={"value": ir.tensor(lowest)}, name=f"{node.name}_finite")
+        graph.insert_before(node, const)
+        node.replace_input_with(2, const.outputs[0])
+        n += 1
+        for use in node.outputs[0].uses():
+            for s in use.node.outputs[0].uses():
+                n += _drop_nan_guard(graph, s.node)
+    return n
+
+
+def _feeds_softmax(add: ir.Node) -> bool:
+    return bool(add.outputs[0].uses()) and all(u.node.op_type == "Softmax" for u in add.outputs[0].uses())
+
+
+def _drop_nan_guard(graph: ir.Graph, softmax: ir.Node) -> int:
+    p = softmax.outputs[0]
+    dropped = 0
+    for use in list(p.uses()):
+        isnan = use.node
+        if isnan.op_type != "IsNaN":
+            continue
+        for w in list(isnan.outputs[0].uses()):
+            where = w.node
+            zero = _const(where.inputs[1])
+            if where.op_type == "Where" and w.idx == 0 and where.inputs[2] is p and zero is not None \
+                    and zero.size == 1 and float(zero.reshape(())) == 0.0:
+                if where.outputs[0].is_graph_output():
+                    continue
+                irx.replace_value(where.outputs[0], p)
+                graph.remove(where, safe=True)
+                dropped += 1
+        if not isnan.outputs[0].uses():
+            graph.remove(isnan, safe=True)
+    return dropped
