@@ -9,12 +9,13 @@ gemm_to_matmul         ``Gemm`` → ``MatMul`` + ``Add``                        
 rotary_angles          transformers ≥ 5 rotary angles → the MatMul form        llmopt
 identity_reshape       drop a Reshape to the shape its input has (Phi-3)       llmopt
 flattened_linear       Reshape→MatMul→Reshape around linears (GPT-2) → MatMul  llmopt
-(prepare)              shape inference, constant folding, shape rules          onnxscript
 reshape_dims_from_...  run-time assembled Reshape shapes → constants (static   llmopt
                        head counts; TorchScript / Optimum exports)
-scalar_where,          TorchScript's mask idioms → the form the rules match     llmopt
-finite_mask,           (fuse_canonical.py)
+static_dims,           TorchScript's shape and mask idioms → the form the      llmopt
+scalar_where,          rules match (fuse_canonical.py)
 reciprocal_div
+(prepare)              shape inference, constant folding, shape rules          onnxscript
+(reinfer_shapes)       shapes again, then reshape_dims/identity_reshape again  llmopt
 canonical_dims         ``seq + past`` and ``past + seq`` spelled alike         llmopt
 rms_normalization      RMSNorm → ``SimplifiedLayerNormalization``              onnxscript
 skip_*_normalization   residual Add + norm → ``Skip(Simplified)LayerNorm``     onnxscript
@@ -146,7 +147,6 @@ STAGES: tuple[Stage, ...] = (
     Stage("reshape_dims_from_shape", func=canon.reshape_dims_from_shape),
     Stage("static_dims", func=canon.static_dims),
     Stage("scalar_where", func=canon.scalar_where),
-    Stage("finite_mask", func=canon.finite_mask),
     Stage("reciprocal_div", _rules(canon.ReciprocalDiv.rule())),
     Stage("prepare", func=_prepare),
     Stage("reinfer_shapes", func=canon.reinfer_shapes),

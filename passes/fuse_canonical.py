@@ -15,10 +15,6 @@ checks that too):
   ``noop_with_empty_axes=0`` written out, as the norm rules match it.
 - ``scalar_where``: a ``Where`` choosing between one-element constants (``[0.0]``, ``[-inf]``)
   → scalars, as the rules match them.
-- ``finite_mask``: the attention mask ``Where(keep, 0, -inf)`` → ``Where(keep, 0, lowest float)``
-  (Hugging Face's eager form), and the guard ``Where(IsNaN(p), 0, p)`` after its softmax dropped:
-  with a finite mask a softmax row is never NaN. Real tokens see identical numbers; a query row
-  with no visible key at all (only padding rows have none) averages instead of being zeroed.
 """
 
 from __future__ import annotations
@@ -242,55 +238,3 @@ def scalar_where(model: ir.Model) -> int:
             node.replace_input_with(i, scalar.outputs[0])
             n += 1
     return n
-
-
-def finite_mask(model: ir.Model) -> int:
-    """``Where(keep, 0, -inf)`` feeding ``Add → Softmax`` → the lowest finite float; the softmax's
-    NaN guard ``Where(IsNaN(p), 0, p)`` then dropped."""
-    graph = model.graph
-    n = 0
-    for node in list(graph):
-        if node.op_type != "Where" or not _is_default(node):
-            continue
-        zero, neg = _const(node.inputs[1]), _const(node.inputs[2])
-        if zero is None or neg is None or zero.size != 1 or neg.size != 1:
-            continue
-        if float(zero.reshape(())) != 0.0 or not np.isneginf(neg.reshape(())):
-            continue
-        if not all(u.node.op_type == "Add" and _feeds_softmax(u.node) for u in node.outputs[0].uses()):
-            continue
-        lowest = np.array(np.finfo(neg.dtype).min, dtype=neg.dtype).reshape(neg.shape)
-        const = ir.node("Constant", [], attributes={"value": ir.tensor(lowest)}, name=f"{node.name}_finite")
-        graph.insert_before(node, const)
-        node.replace_input_with(2, const.outputs[0])
-        n += 1
-        for use in node.outputs[0].uses():
-            for s in use.node.outputs[0].uses():
-                n += _drop_nan_guard(graph, s.node)
-    return n
-
-
-def _feeds_softmax(add: ir.Node) -> bool:
-    return bool(add.outputs[0].uses()) and all(u.node.op_type == "Softmax" for u in add.outputs[0].uses())
-
-
-def _drop_nan_guard(graph: ir.Graph, softmax: ir.Node) -> int:
-    p = softmax.outputs[0]
-    dropped = 0
-    for use in list(p.uses()):
-        isnan = use.node
-        if isnan.op_type != "IsNaN":
-            continue
-        for w in list(isnan.outputs[0].uses()):
-            where = w.node
-            zero = _const(where.inputs[1])
-            if where.op_type == "Where" and w.idx == 0 and where.inputs[2] is p and zero is not None \
-                    and zero.size == 1 and float(zero.reshape(())) == 0.0:
-                if where.outputs[0].is_graph_output():
-                    continue
-                irx.replace_value(where.outputs[0], p)
-                graph.remove(where, safe=True)
-                dropped += 1
-        if not isnan.outputs[0].uses():
-            graph.remove(isnan, safe=True)
-    return dropped
