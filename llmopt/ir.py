@@ -382,3 +382,28 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     graph.register_initializer(value)
     return value
 
+
+
+def gqa_head_dim(node: ir.Node) -> int | None:
+    """A GroupQueryAttention's head size, from its query width (packed Q/K/V, or Q alone)."""
+    heads, kv_heads = node.attributes["num_heads"].as_int(), node.attributes["kv_num_heads"].as_int()
+    q = node.inputs[0]
+    width = q.shape[-1] if q is not None and q.shape is not None else None
+    if not isinstance(width, int):
+        return None
+    return width // (heads + 2 * kv_heads) if len(node.inputs) < 2 or node.inputs[1] is None else width // heads
+
+
+def cache_dims(past: ir.Value) -> tuple[int, int] | None:
+    """(kv_heads, head_dim) of a past-KV input: from its shape when fixed, else from the
+    GroupQueryAttention that reads it (onnxruntime-genai's builder leaves ``head_size`` symbolic)."""
+    shape = past.shape
+    if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[3], int):
+        return int(shape[1]), int(shape[3])
+    for use in past.uses():
+        node = use.node
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" and use.idx in (3, 4):
+            head_dim = gqa_head_dim(node)
+            if head_dim is not None:
+                return node.attributes["kv_num_heads"].as_int(), head_dim
+    return None

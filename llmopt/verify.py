@@ -128,7 +128,8 @@ def sample_inputs(model: ir.Model, shape: SampleShape, seed: int = 0) -> dict[st
         elif v.name == "position_ids":
             feeds[v.name] = np.broadcast_to(np.arange(p, p + s, dtype=dtype), (b, s)).copy()
         elif _is_past(v.name) and len(dims) == 4:
-            shp = [b, _static(dims[1], 1), p, _static(dims[3], 1)]
+            kv_heads, head_dim = irx.cache_dims(v) or (_static(dims[1], 1), _static(dims[3], 1))
+            shp = [b, kv_heads, p, head_dim]
             feeds[v.name] = rng.standard_normal(shp).astype(dtype)
         else:
             shp = [_static(d, b if i == 0 else s) for i, d in enumerate(dims)]
@@ -330,7 +331,12 @@ def verify_files(
     feeds = [sample_inputs(src_model, sh, seed + i) for i, sh in enumerate(shapes)]
     del src_model
     ref_sess = make_session(irx.resolve_model_file(source))
-    refs = [run(ref_sess, f) for f in feeds]
+    try:
+        refs = [run(ref_sess, f) for f in feeds]
+    except Exception as exc:  # noqa: BLE001 - ORT's errors: the source itself cannot run these samples
+        raise InputError(f"{source}: ONNX Runtime fails running the source on llmopt's sample inputs "
+                         f"({first_line(exc, 240)}); compile with --no-verify if its inputs are not a "
+                         "decoder's (input_ids, attention_mask, position_ids, past_key_values.*)") from None
     del ref_sess
     sess = _compiled_session(compiled, providers)
     figs = []

@@ -119,6 +119,9 @@ class KVCache(Pass):
         kv_heads = head_dim = None
         for value, (layer, kind) in pasts.items():
             shape = value.shape
+            dims = irx.cache_dims(value)  # the genai builder leaves head_size symbolic: from the attention
+            if shape is not None and len(shape) == 4 and dims is not None and not isinstance(shape[3], int):
+                value.shape = shape = ir.Shape([shape[0], dims[0], shape[2], dims[1]])
             if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
                 raise KVCacheError(f"kv-cache: input '{value.name}' has shape {shape}; expected [batch, kv_heads, seq, head_dim] "
                                    "with kv_heads and head_dim fixed")
@@ -160,10 +163,9 @@ class KVCache(Pass):
             kv_heads = node.attributes["kv_num_heads"].as_int()
             heads = node.attributes["num_heads"].as_int()
             q = node.inputs[0]
-            width = q.shape[-1] if q.shape is not None else None
-            if not isinstance(width, int):
+            head_dim = irx.gqa_head_dim(node)
+            if head_dim is None:
                 raise KVCacheError(f"kv-cache: the width of {node.name}'s query is unknown; run 'cleanup' (shape inference) first")
-            head_dim = width // (heads + 2 * kv_heads) if node.inputs[1] is None else width // heads
             dtype = q.dtype
             for slot, kind in ((3, "key"), (4, "value")):
                 past = ir.Value(name=f"past_key_values.{layer}.{kind}", type=ir.TensorType(dtype),

@@ -1,0 +1,71 @@
+"""Graphs llmopt did not make compile with the targets' defaults: the TorchScript exporter's form
+(the one Hugging Face Optimum uses) and onnxruntime-genai's model builder output (already fused,
+symbolic head size). The input_ids-only dynamo export is in test_compile.py; every architecture ×
+form is in benchmarks/coverage.py (docs/coverage.md)."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import llmopt
+from llmopt.exporter import reference_model_dir
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def torchscript_llama(hf_dirs, tmp_path_factory):
+    from llmopt.models.architectures import export_torchscript
+
+    return export_torchscript(hf_dirs("llama"), tmp_path_factory.mktemp("ts") / "model.onnx")
+
+
+def test_torchscript_export_fuses_norms_rotary_and_attention(torchscript_llama, tmp_path):
+    art = llmopt.compile(torchscript_llama, target="cpu-fp32", out=tmp_path / "art")
+    r = art.report
+    assert r["verification"]["passed"] and r["verification"]["figures"]["max_abs"] < 1e-4
+    assert r["speed"]["speedup"] > 0  # the default path, speed measured
+    c = next(p for p in r["passes"] if p["name"] == "fuse")["counters"]
+    # TorchScript's idioms canonicalized: static head counts, rsqrt as Div(1, x), scalar Where
+    assert c["reshape_dims_from_shape"] >= 3 * LAYERS and c["reciprocal_div"] == 2 * LAYERS + 1
+    assert c.get("rolled_back", 0) == 0
+    ops = r["artifact"]["ops"]
+    assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * LAYERS
+    assert ops["com.microsoft::RotaryEmbedding"] == 2 * LAYERS
+    assert ops["com.microsoft::MultiHeadAttention"] == LAYERS
+    assert "Softmax" not in ops and "Pow" not in ops
+    assert r["artifact"]["nodes"] < r["artifact"]["source_nodes"] / 2
+
+
+def test_torchscript_export_compiles_to_cpu_int8(torchscript_llama, tmp_path):
+    art = llmopt.compile(torchscript_llama, target="cpu-int8", out=tmp_path / "art")
+    assert art.report["verification"]["passed"]
+    assert art.report["artifact"]["ops"].get("com.microsoft::MultiHeadAttention") == LAYERS
+
+
+def test_genai_builder_output_compiles_with_its_cache(hf_dirs, tmp_path):
+    """The builder's graph is fused already (GroupQueryAttention, symbolic ``head_size`` in the cache
+    inputs): it used to be refused at exit 2; now the cache dims come from the attention and
+    quantization, verification and generation apply."""
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dirs("llama"), hf)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the builder saves one
+        shutil.copy(reference_model_dir() / name, hf / name)
+    out = tmp_path / "builder"
+    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", out, "-p", "fp32",
+                        "-e", "cpu", "-c", tmp_path / "cache"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    src = llmopt.load(out / "model.onnx")
+    assert not isinstance(src.graph.inputs[-1].shape[3], int)  # what made it hard: head_size symbolic
+    art = llmopt.compile(out / "model.onnx", target="cpu-int8", out=tmp_path / "art")
+    rep = art.report
+    assert rep["verification"]["passed"]
+    assert rep["kv_cache"]["head_dim"] == 16 and rep["kv_cache"]["kv_heads"] == 2
+    assert rep["artifact"]["ops"]["com.microsoft::GroupQueryAttention"] == LAYERS
+    assert rep["artifact"]["ops"]["com.microsoft::MatMulNBits"] > 0  # the target's 8-bit weights
+    from llmopt.runtime import Generator
+
+    gen = Generator(art.path).generate([[5, 9, 14, 3]], 8, eos_token_id=-1)
+    assert len(gen.tokens[0]) == 8
