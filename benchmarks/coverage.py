@@ -78,6 +78,12 @@ def export_form(arch: str, form: str, hf: Path, work: Path) -> Path:
 
         return export_with_optimum(hf, work / "optimum")
     if form == "builder":
+        import shutil
+
+        from llmopt.exporter import reference_model_dir
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # it saves one
+            shutil.copy(reference_model_dir() / name, hf / name)
         out = work / "builder"
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                "-p", "fp32", "-e", "cpu", "-c", str(work / "builder-cache")]
@@ -225,7 +231,7 @@ def _line(exc: BaseException) -> str:
 
 
 def sweep(archs: list[str], forms: list[str], resume: bool) -> dict:
-    data = json.loads(JSON_PATH.read_text()) if resume and JSON_PATH.is_file() else {"rows": {}}
+    data = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {"rows": {}}  # rows not rerun stay
     data["machine"] = machine()
     rows = data["rows"]
     for arch in archs:
@@ -360,7 +366,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default=",".join(ARCHITECTURES + tuple(EXTRA)))
     ap.add_argument("--forms", default=",".join(FORMS))
-    ap.add_argument("--resume", action="store_true", help="keep rows already in benchmarks/results/coverage.json")
+    ap.add_argument("--resume", action="store_true", help="skip rows already in benchmarks/results/coverage.json "
+                                                          "(rows not in this run are always kept)")
     ap.add_argument("--out", default=str(REPO / "docs" / "coverage.md"))
     ap.add_argument("--markdown-only", action="store_true")
     ap.add_argument("--row", nargs=3, help=argparse.SUPPRESS)

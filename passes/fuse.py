@@ -163,6 +163,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("cse", func=_cse, group="rotary"),
     Stage("partial_rotary_embedding", rotary_embedding.partial_embedding_rules, enabled=lambda o: o.rotary, group="rotary"),
     Stage("rotary_positions_per_row", func=ours.rotary_positions_per_row, enabled=lambda o: o.rotary, group="rotary"),
+    Stage("rotary_shapes", func=canon.rotary_shapes, enabled=lambda o: o.rotary, group="rotary"),
     Stage("sdpa", sdpa.sdpa_rules, enabled=_attn("auto", "gqa", "mha"), shape_inference=True, group="attention"),
     Stage("canonical_dims_after_sdpa", func=ours.canonical_dims, enabled=_attn("auto", "gqa", "mha"), group="attention"),
     Stage("gqa", _rules(ours.ScaledGQA.rule()), enabled=_attn("auto", "gqa"), group="attention"),
@@ -186,7 +187,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 # Stages that are plumbing, not fusions: never counted or explained.
-_PLUMBING = {"prepare", "reinfer_shapes", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
+_PLUMBING = {"prepare", "reinfer_shapes", "rotary_shapes", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
 
 
 def _structure(model: ir.Model) -> tuple:

@@ -218,6 +218,17 @@ def reinfer_shapes(model: ir.Model) -> int:
     return 0
 
 
+def rotary_shapes(model: ir.Model) -> int:
+    """A ``RotaryEmbedding``'s output has its input's shape (ONNX shape inference does not know the
+    contrib op, so the value keeps the shape of the subgraph it replaced, which may be a stale
+    ``unk__`` guess); set it, then infer shapes downstream again."""
+    for node in model.graph:
+        if node.op_type == "RotaryEmbedding" and node.domain == "com.microsoft" and node.inputs[0] is not None \
+                and node.inputs[0].shape is not None:
+            node.outputs[0].shape = ir.Shape(list(node.inputs[0].shape))
+    return reinfer_shapes(model)
+
+
 def scalar_where(model: ir.Model) -> int:
     """``Where(c, [a], [b])`` with one-element constant branches → scalar branches (same result:
     the condition has at least their rank, so broadcasting is unchanged)."""
