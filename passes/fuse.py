@@ -257,6 +257,7 @@ class Fuse(Pass):
             return
         if len(span) == 1:
             self._roll_back(model, state, span[0], bad)
+            self._fall_back(model, span[0])
             return
         self._restore(model, state)
         for unit in span:
@@ -267,6 +268,18 @@ class Fuse(Pass):
             bad = self._guard.disagreement(model)
             if bad is not None:
                 self._roll_back(model, unit_state, unit, bad)
+                self._fall_back(model, unit)
+
+    def _fall_back(self, model: ir.Model, unit: tuple[Stage, ...]) -> None:
+        """Attention that GroupQueryAttention could not take (e.g. ORT's CPU kernel wants a head size
+        that is a multiple of 16) gets MultiHeadAttention instead, checked the same way."""
+        if unit[0].group != "attention" or self.options.attention != "auto":
+            return
+        mha = dataclasses.replace(self.options, attention="mha")
+        alternative = tuple(s for s in unit if s.enabled(mha))
+        if alternative and alternative != unit:
+            self.count("attention_retried_as_mha")
+            self._run_span(model, [alternative])
 
     def _run_unit(self, model: ir.Model, unit: tuple[Stage, ...]) -> None:
         attention = unit[0].group == "attention"

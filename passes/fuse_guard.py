@@ -54,7 +54,7 @@ class NumericGuard:
         try:
             outputs = verify.run_ir_model(model, self.feeds)
         except Exception as exc:  # noqa: BLE001 - the rewritten graph does not load or run: refuse it
-            return Disagreement("", float("inf"), 0.0, f"ONNX Runtime cannot run the fused graph ({first_line(exc, 200)})")
+            return Disagreement("", float("inf"), 0.0, f"ONNX Runtime cannot run the fused graph ({_ort_message(exc)})")
         worst: Disagreement | None = None
         for ref, out in zip(self.reference, outputs):
             for name, a in ref.items():
@@ -101,6 +101,14 @@ def _node_key(node: ir.Node) -> tuple:
     attrs = tuple(sorted((k, value(a)) for k, a in node.attributes.items()))
     return (node.domain, node.op_type, attrs, tuple(v.name if v is not None else None for v in node.inputs),
             tuple(v.name for v in node.outputs))
+
+
+def _ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's error without its boilerplate: the node and the status message."""
+    text = first_line(exc, 600)
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    status = text.split("Status Message:", 1)[-1].strip()
+    return f"{node.group(1)} '{node.group(2)}': {status[:240]}" if node else text[:240]
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:

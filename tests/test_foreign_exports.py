@@ -69,3 +69,46 @@ def test_genai_builder_output_compiles_with_its_cache(hf_dirs, tmp_path):
 
     gen = Generator(art.path).generate([[5, 9, 14, 3]], 8, eos_token_id=-1)
     assert len(gen.tokens[0]) == 8
+
+
+OPTIMUM_LLAMA = __import__("pathlib").Path(__file__).parent / "data" / "optimum-llama" / "model.onnx"
+
+
+def test_optimum_export_fuses_like_llmopts_own(tmp_path):
+    """A real Optimum export (TorchScript, with past; tests/data/optimum-llama/README.md) fuses to
+    GroupQueryAttention with packed Q/K/V and compiles to cpu-int8; the cached artifact generates
+    what full recomputation by the source generates."""
+    before = OPTIMUM_LLAMA.read_bytes()
+    fp32 = llmopt.compile(OPTIMUM_LLAMA, target="cpu-fp32", out=tmp_path / "fp32")
+    r = fp32.report
+    assert r["verification"]["passed"] and r["verification"]["figures"]["max_abs"] < 1e-4
+    c = next(p for p in r["passes"] if p["name"] == "fuse")["counters"]
+    assert c["gqa"] == LAYERS and c["pack_qkv"] == LAYERS and c.get("rolled_back", 0) == 0
+    assert r["artifact"]["nodes"] <= 45 < r["artifact"]["source_nodes"] / 10
+    int8 = llmopt.compile(OPTIMUM_LLAMA, target="cpu-int8", out=tmp_path / "int8")
+    assert int8.report["verification"]["passed"] and int8.report["speed"]["speedup"] > 0
+    assert OPTIMUM_LLAMA.read_bytes() == before  # the input is never modified
+    from llmopt.runtime import Generator
+
+    prompt = [5, 9, 14, 3, 77]
+    cached = Generator(fp32.path).generate([prompt], 16, eos_token_id=-1).tokens[0]
+    assert cached == _recompute(OPTIMUM_LLAMA, prompt, 16)
+
+
+def _recompute(path, prompt, n):
+    """Greedy decoding by full recomputation with the source (empty past)."""
+    import numpy as np
+
+    from llmopt import verify
+
+    sess = verify.make_session(path)
+    seq = list(prompt)
+    for _ in range(n):
+        ids = np.array([seq], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 "position_ids": np.arange(len(seq), dtype=np.int64)[None]}
+        for i in sess.get_inputs():
+            if i.name.startswith("past_key_values"):
+                feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        seq.append(int(sess.run(["logits"], feeds)[0][0, -1].argmax()))
+    return seq[len(prompt):]

@@ -133,3 +133,27 @@ def test_a_rewrite_that_breaks_the_graph_is_rolled_back(exported, monkeypatch):
     assert p.counters["rolled_back"] == 1 and "bad_heads" in p.warnings[0]
     assert all(n.attributes["num_heads"].as_int() == 4 for n in model.graph if n.op_type == "GroupQueryAttention")
     _assert_close(before, _outputs(model))
+
+
+def test_attention_gqa_cannot_run_falls_back_to_mha(tmp_path):
+    """ORT's GroupQueryAttention (CPU) wants a head size that is a multiple of 16: a model with head
+    size 8 fuses, the guard finds the fused graph does not run, rolls GQA back and MultiHeadAttention
+    takes the attention instead — checked the same way."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmopt.exporter import export
+
+    cfg = AutoConfig.for_model("llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    model = llmopt.load(export(tmp_path / "hf", tmp_path / "m.onnx", with_past=True))
+    before = _outputs(model)
+    p = get_pass("fuse")()
+    p(model)
+    assert p.counters["rolled_back"] == 1 and p.counters["attention_retried_as_mha"] == 1
+    assert "head_size shall be a multiple of 16" in p.warnings[0]
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MultiHeadAttention") == LAYERS and "GroupQueryAttention" not in ops
+    _assert_close(before, _outputs(model))
