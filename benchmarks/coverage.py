@@ -120,6 +120,10 @@ def recompute_greedy(source: Path, prompt: list[int], n: int) -> list[int]:
 
     from llmopt import verify
 
+    import llmopt
+    from llmopt import ir as irx
+
+    dims = {v.name: irx.cache_dims(v) for v in llmopt.load(source).graph.inputs if v.name.startswith("past_key_values")}
     sess = verify.make_session(source)
     inputs = {i.name: i for i in sess.get_inputs()}
     seq = list(prompt)
@@ -132,8 +136,8 @@ def recompute_greedy(source: Path, prompt: list[int], n: int) -> list[int]:
             elif name == "position_ids":
                 feeds[name] = np.arange(len(seq), dtype=np.int64)[None]
             elif name.startswith("past_key_values"):
-                shape = [1 if i == 0 else (0 if i == 2 else d) for i, d in enumerate(info.shape)]
-                feeds[name] = np.zeros(shape, dtype=np.float16 if "float16" in info.type else np.float32)
+                kv_heads, head_dim = dims[name]
+                feeds[name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float16 if "float16" in info.type else np.float32)
         logits = sess.run([sess.get_outputs()[0].name], feeds)[0]
         seq.append(int(logits[0, -1].argmax()))
     return seq[len(prompt):]

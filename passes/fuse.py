@@ -11,8 +11,9 @@ identity_reshape       drop a Reshape to the shape its input has (Phi-3)       l
 flattened_linear       Reshape→MatMul→Reshape around linears (GPT-2) → MatMul  llmopt
 reshape_dims_from_...  run-time assembled Reshape shapes → constants (static   llmopt
                        head counts; TorchScript / Optimum exports)
-static_dims,           TorchScript's shape and mask idioms → the form the      llmopt
-scalar_where,          rules match (fuse_canonical.py)
+static_dims,           TorchScript's shape, expand and mask idioms → the form  llmopt
+expand_shape,          the rules match (fuse_canonical.py)
+scalar_where,
 reciprocal_div
 (prepare)              shape inference, constant folding, shape rules          onnxscript
 (reinfer_shapes)       shapes again, then reshape_dims/identity_reshape again  llmopt
@@ -144,6 +145,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("rotary_angles", _rules(ours.RotaryAngles.rule()), enabled=lambda o: o.rotary),
     Stage("identity_reshape", _rules(ours.IdentityReshape.rule())),
     Stage("flattened_linear", _rules(*(ours.FlattenedLinear.rule(b, "reshape") for b in (True, False)))),
+    Stage("expand_shape", func=canon.expand_shape),
     Stage("reshape_dims_from_shape", func=canon.reshape_dims_from_shape),
     Stage("static_dims", func=canon.static_dims),
     Stage("scalar_where", func=canon.scalar_where),
@@ -153,6 +155,7 @@ STAGES: tuple[Stage, ...] = (
     # again, with the shapes the first round made known (TorchScript's chains resolve in two steps)
     Stage("reshape_dims_from_shape", func=canon.reshape_dims_from_shape, shape_inference=True),
     Stage("identity_reshape", _rules(ours.IdentityReshape.rule())),
+    Stage("drop_identity", func=lambda m: int(common_passes.IdentityEliminationPass()(m).modified)),
     Stage("canonical_dims", func=ours.canonical_dims),
     Stage("erf_gelu", erfgelu.rules, enabled=lambda o: o.gelu),
     Stage("rms_normalization", rms_normalization.rms_normalization_ruleset, enabled=lambda o: o.norm),
@@ -187,7 +190,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 # Stages that are plumbing, not fusions: never counted or explained.
-_PLUMBING = {"prepare", "reinfer_shapes", "rotary_shapes", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
+_PLUMBING = {"prepare", "reinfer_shapes", "drop_identity", "rotary_shapes", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
 
 
 def _structure(model: ir.Model) -> tuple:

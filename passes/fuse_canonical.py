@@ -13,6 +13,9 @@ checks that too):
 - ``static_dims``: ``Gather(Shape(x), i)`` of a dim the shapes know → a constant (TorchScript
   computes ``head_dim / 2`` that way for rotary's halves), and ``ReduceMean``'s default
   ``noop_with_empty_axes=0`` written out, as the norm rules match it.
+- ``expand_shape``: TorchScript's ``expand`` idiom ``Where(Equal(c, -1), 1, c)`` (a -1 in the
+  target shape keeps the input's dim) → ``c`` itself where no entry of ``c`` can be -1 (dims read
+  with ``Shape`` and constants); ``repeat_kv``'s Expand/Reshape then get shapes by inference.
 - ``scalar_where``: a ``Where`` choosing between one-element constants (``[0.0]``, ``[-inf]``)
   → scalars, as the rules match them.
 """
@@ -227,6 +230,76 @@ def rotary_shapes(model: ir.Model) -> int:
                 and node.inputs[0].shape is not None:
             node.outputs[0].shape = ir.Shape(list(node.inputs[0].shape))
     return reinfer_shapes(model)
+
+
+def _small_value(v: ir.Value | None, depth: int = 3) -> np.ndarray | None:
+    """A small int tensor: a constant, a ``ConstantOfShape`` of a constant shape, or a ``Mul`` of those."""
+    c = _const(v)
+    if c is not None or v is None or depth == 0:
+        return c
+    node = v.producer()
+    if node is None or not _is_default(node):
+        return None
+    if node.op_type == "ConstantOfShape":
+        shape = _const(node.inputs[0])
+        fill = node.attributes.get("value")
+        value = fill.value.numpy().reshape(-1)[0] if fill is not None else np.float32(0)
+        return None if shape is None or shape.size > 1 or int(shape.reshape(-1)[0]) > 16 else \
+            np.full(shape.astype(np.int64), value)
+    if node.op_type == "Mul":
+        a, b = _small_value(node.inputs[0], depth - 1), _small_value(node.inputs[1], depth - 1)
+        return None if a is None or b is None else a * b
+    return None
+
+
+def _shape_concat(c: ir.Value) -> ir.Node | None:
+    """The ``Concat`` of one-element dims (constants, or dims read with ``Shape``) that ``c`` is,
+    looking through TorchScript's ``Reshape(concat, [-1])`` (or the Identity it became); None otherwise."""
+    node = c.producer()
+    while node is not None and _is_default(node) and (node.op_type == "Identity" or node.op_type == "Reshape" and (
+            _const(node.inputs[1]) is not None and _const(node.inputs[1]).reshape(-1).tolist() == [-1])):
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if node is None or node.op_type != "Concat" or not _is_default(node):
+        return None
+    for piece in node.inputs:
+        k = _const(piece)
+        if (k is None or k.ndim != 1) and (piece is None or _dim_source(piece) is None):
+            return None
+    return node
+
+
+def expand_shape(model: ir.Model) -> int:
+    """``Where(Equal(c, -1s), 1s, c)`` → ``c`` with its constant -1 entries set to 1 (dims read with
+    ``Shape`` are never -1): the same values, in a form shape inference follows."""
+    n = 0
+    for node in list(model.graph):
+        if node.op_type != "Where" or not _is_default(node) or len(node.inputs) != 3:
+            continue
+        cond, ones, c = node.inputs
+        eq = cond.producer() if cond is not None else None
+        if eq is None or eq.op_type != "Equal" or c is None or eq.inputs[0] is not c:
+            continue
+        minus, one = _small_value(eq.inputs[1]), _small_value(ones)
+        if minus is None or one is None or not (minus == -1).all() or not (one == 1).all():
+            continue
+        concat = _shape_concat(c)
+        if concat is None or node.outputs[0].is_graph_output():
+            continue
+        pieces = []
+        for i, piece in enumerate(concat.inputs):
+            k = _const(piece)
+            if k is not None and (k == -1).any():
+                fixed = ir.node("Constant", [], attributes={"value": ir.tensor(np.where(k == -1, 1, k).astype(k.dtype))},
+                                name=f"{node.name}_dim_{i}")
+                model.graph.insert_before(node, fixed)
+                piece = fixed.outputs[0]
+            pieces.append(piece)
+        new = ir.node("Concat", pieces, attributes={"axis": 0}, name=f"{node.name}_shape")
+        model.graph.insert_before(node, new)
+        irx.replace_value(node.outputs[0], new.outputs[0])
+        model.graph.remove(node, safe=True)
+        n += 1
+    return n
 
 
 def scalar_where(model: ir.Model) -> int:
