@@ -18,10 +18,17 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gpt2", "gemma")
 EXTRA: dict[str, dict] = {
     "granite": dict(embedding_multiplier=12.0, attention_multiplier=0.0078125, residual_multiplier=0.22,
                     logits_scaling=8.0),
-    "qwen3": {}, "phi": {}, "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16), "olmo": {},
-    "olmo2": {}, "stablelm": {}, "gpt_neox": {}, "gptj": {}, "falcon": {}, "bloom": {}, "opt": {},
-    "starcoder2": {}, "cohere": {}, "glm": {}, "helium": {}, "smollm3": {}, "nemotron": {},
-    "gpt_bigcode": {}, "persimmon": {}, "codegen": {}, "olmo3": {},
+    "qwen3": {}, "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16), "olmo": {},
+    "olmo2": {}, "falcon": {}, "bloom": {}, "opt": {}, "starcoder2": {}, "cohere": {}, "glm": {}, "helium": {},
+    "smollm3": {}, "nemotron": {}, "gpt_bigcode": {}, "olmo3": {},
+    # partial rotary: heads wide enough that the rotary part is a multiple of 16 wide, as in the real
+    # checkpoints (ORT's kernels want the cos/sin cache a multiple of 8 wide)
+    "phi": dict(hidden_size=128, intermediate_size=256),  # head 32, rotary 0.5 -> 16
+    "stablelm": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256),  # 64, 0.25
+    "persimmon": dict(hidden_size=128, intermediate_size=256),  # head 32, rotary 0.5 -> 16
+    "gpt_neox": dict(hidden_size=128, num_attention_heads=2, intermediate_size=256),  # head 64, rotary 0.25
+    "gptj": dict(hidden_size=128, num_attention_heads=2, rotary_dim=32),  # head 64
+    "codegen": dict(hidden_size=128, num_attention_heads=2, rotary_dim=32),  # head 64
 }
 
 _TINY = dict(
