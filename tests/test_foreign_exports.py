@@ -22,7 +22,7 @@ def torchscript_llama(hf_dirs, tmp_path_factory):
     return export_torchscript(hf_dirs("llama"), tmp_path_factory.mktemp("ts") / "model.onnx")
 
 
-def test_torchscript_export_fuses_norms_rotary_and_attention(torchscript_llama, tmp_path):
+def test_torchscript_export_fuses_like_llmopts_own(torchscript_llama, tmp_path):
     art = llmopt.compile(torchscript_llama, target="cpu-fp32", out=tmp_path / "art")
     r = art.report
     assert r["verification"]["passed"] and r["verification"]["figures"]["max_abs"] < 1e-4
@@ -30,19 +30,20 @@ def test_torchscript_export_fuses_norms_rotary_and_attention(torchscript_llama, 
     c = next(p for p in r["passes"] if p["name"] == "fuse")["counters"]
     # TorchScript's idioms canonicalized: static head counts, rsqrt as Div(1, x), scalar Where
     assert c["reshape_dims_from_shape"] >= 3 * LAYERS and c["reciprocal_div"] == 2 * LAYERS + 1
+    assert c["expand_shape"] >= 2 * LAYERS and c["rotary_embedding"] == 2 * LAYERS
     assert c.get("rolled_back", 0) == 0
     ops = r["artifact"]["ops"]
     assert ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * LAYERS
-    assert ops["com.microsoft::RotaryEmbedding"] == 2 * LAYERS
-    assert ops["com.microsoft::MultiHeadAttention"] == LAYERS
-    assert "Softmax" not in ops and "Pow" not in ops
-    assert r["artifact"]["nodes"] < r["artifact"]["source_nodes"] / 2
+    assert ops["com.microsoft::GroupQueryAttention"] == LAYERS  # rotary inside, Q/K/V packed
+    assert "Softmax" not in ops and "Pow" not in ops and "Where" not in ops
+    assert r["artifact"]["nodes"] <= 35 < r["artifact"]["source_nodes"] / 10  # 609 -> 31
+    assert "past_key_values.1.value" in [v["name"] for v in r["io"]["inputs"]]  # kv-cache added one
 
 
 def test_torchscript_export_compiles_to_cpu_int8(torchscript_llama, tmp_path):
     art = llmopt.compile(torchscript_llama, target="cpu-int8", out=tmp_path / "art")
     assert art.report["verification"]["passed"]
-    assert art.report["artifact"]["ops"].get("com.microsoft::MultiHeadAttention") == LAYERS
+    assert art.report["artifact"]["ops"].get("com.microsoft::GroupQueryAttention") == LAYERS
 
 
 def test_genai_builder_output_compiles_with_its_cache(hf_dirs, tmp_path):
