@@ -387,11 +387,40 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 def gqa_head_dim(node: ir.Node) -> int | None:
     """A GroupQueryAttention's head size, from its query width (packed Q/K/V, or Q alone)."""
     heads, kv_heads = node.attributes["num_heads"].as_int(), node.attributes["kv_num_heads"].as_int()
-    q = node.inputs[0]
-    width = q.shape[-1] if q is not None and q.shape is not None else None
+    dims = known_shape(node.inputs[0]) if node.inputs[0] is not None else None
+    width = dims[-1] if dims else None
     if not isinstance(width, int):
         return None
     return width // (heads + 2 * kv_heads) if len(node.inputs) < 2 or node.inputs[1] is None else width // heads
+
+
+_SAME_SHAPE = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+               "SkipLayerNormalization", "RotaryEmbedding", "Identity", "Cast"}
+
+
+def known_shape(v: ir.Value, depth: int = 6) -> list | None:
+    """``v``'s dims (ints where known), from its shape or, when shape inference left none (outputs of
+    contrib ops and of rewrites), through shape-preserving ops and a Reshape to a constant shape."""
+    if v.shape is not None:
+        return list(v.shape)
+    node = v.producer()
+    if node is None or depth == 0 or not node.inputs or node.inputs[0] is None:
+        return None
+    if node.op_type in _SAME_SHAPE and v is node.outputs[0]:
+        return known_shape(node.inputs[0], depth - 1)
+    if node.op_type == "Reshape" and len(node.inputs) > 1 and node.inputs[1] is not None \
+            and node.inputs[1].const_value is not None:
+        src = known_shape(node.inputs[0], depth - 1)
+        target = [int(d) for d in node.inputs[1].const_value.numpy().reshape(-1)]
+        if src is None or target.count(-1) > 1:
+            return None
+        dims = [src[i] if d == 0 and i < len(src) else d for i, d in enumerate(target)]
+        if -1 in dims:  # the dims after the copied/fixed ones fold into -1
+            i = dims.index(-1)
+            rest = src[i:] if all(d == 0 for d in target[:i]) and i == len(target) - 1 else None
+            dims[i] = int(np.prod(rest)) if rest and all(isinstance(d, int) for d in rest) else None
+        return dims
+    return None
 
 
 def cache_dims(past: ir.Value) -> tuple[int, int] | None:

@@ -87,11 +87,14 @@ class KVCache(Pass):
         if pasts:
             layout = self._canonicalize(model, pasts)
         else:
+            snapshot = model.clone()  # adding a cache is all or nothing: a failure leaves the graph as it was
             try:
                 layout = self._add_cache(model)
             except KVCacheError as exc:
                 if self.options.require or self.options.buffer == "shared":
                     raise
+                model.graph = snapshot.graph
+                self.counters.clear()
                 self.count("left_without_cache")
                 self.warn(f"{exc.args[0].removeprefix('kv-cache: ')} — the artifact has no KV cache")
                 return False
@@ -166,7 +169,7 @@ class KVCache(Pass):
             head_dim = irx.gqa_head_dim(node)
             if head_dim is None:
                 raise KVCacheError(f"kv-cache: the width of {node.name}'s query is unknown; run 'cleanup' (shape inference) first")
-            dtype = q.dtype
+            dtype = q.dtype or _float_dtype(graph)  # a contrib op's output (e.g. q-norm) may carry no type
             for slot, kind in ((3, "key"), (4, "value")):
                 past = ir.Value(name=f"past_key_values.{layer}.{kind}", type=ir.TensorType(dtype),
                                 shape=ir.Shape([batch, kv_heads, "past_sequence_length", head_dim]))
@@ -299,3 +302,9 @@ def _evaluate_table(value: ir.Value, max_length: int) -> np.ndarray:
         return result
 
     return np.ascontiguousarray(ev(value).astype(np.float32))
+
+
+def _float_dtype(graph: ir.Graph) -> ir.DataType:
+    """The graph's float type: its logits' (fp32 when that is not known either)."""
+    logits = next((v for v in graph.outputs if v.name == "logits"), None)
+    return logits.dtype if logits is not None and logits.dtype is not None else ir.DataType.FLOAT

@@ -107,3 +107,20 @@ def test_sampling():
     assert (a == b).all()
     with pytest.raises(llmopt.LlmoptError, match="temperature"):
         Sampling(greedy=False, temperature=0)
+
+
+def test_a_cache_that_cannot_be_added_leaves_the_graph_as_it_was(exported_ids_only, monkeypatch):
+    """Adding a cache is all or nothing: here it fails after the attention_mask input was added
+    (the head size cannot be read); the graph goes back to what it was, the pass says it changed
+    nothing and warns."""
+    from llmopt.registry import get_pass
+
+    model = llmopt.load(exported_ids_only("llama"))
+    run_pipeline(model, "fold,cleanup,fuse")
+    before = (irx.io_signature(model), irx.op_histogram(model), irx.node_count(model))
+    monkeypatch.setattr(irx, "gqa_head_dim", lambda node: None)
+    p = get_pass("kv-cache")()
+    assert not p(model).modified
+    assert dict(p.counters) == {"left_without_cache": 1} and "query is unknown" in p.warnings[0]
+    assert (irx.io_signature(model), irx.op_histogram(model), irx.node_count(model)) == before
+    assert "attention_mask" not in [v.name for v in model.graph.inputs]
