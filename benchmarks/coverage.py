@@ -20,7 +20,8 @@ Each architecture is a tiny random Hugging Face model (models/architectures.py: 
 Every row is compiled to ``cpu-fp32`` (``--explain fuse``) and to ``cpu-int8`` with the targets'
 defaults (speed measurement off: not a column here). The row gives the fused attention / norm /
 rotary nodes against the layer count, nodes per decoder layer after ``cpu-fp32`` (the nodes of the
-first layer: nodes attributed to a layer by the weights upstream of them), both verifications, the
+first layer: nodes attributed to a layer by the names of the weights upstream of them; where
+folding renamed those, the nodes from the first layer's attention node to the second's), both verifications, the
 fuse guard's rollbacks, greedy equality of 32 new tokens generated with the artifact's KV cache
 against full recomputation by the source, and the reason wherever attention stays unfused.
 Each row runs in its own process (an exporter crash is a row's failure, not the sweep's).
@@ -114,6 +115,16 @@ def layer_counts(model) -> dict[int, int]:
     return counts
 
 
+def _segment(model, layers: int) -> int | None:
+    """Nodes per layer when no weight names tell (folding renamed them): the nodes from the first
+    layer's attention node to the second's, in graph order."""
+    nodes = list(model.graph)
+    at = [i for i, n in enumerate(nodes) if n.op_type in ATTENTION_OPS]
+    if len(at) != layers:
+        at = [i for i, n in enumerate(nodes) if n.op_type == "Softmax"]
+    return at[1] - at[0] if layers >= 2 and len(at) == layers else None
+
+
 def recompute_greedy(source: Path, prompt: list[int], n: int) -> list[int]:
     """Greedy decoding by full recomputation with the source graph (empty past where it has one)."""
     import numpy as np
@@ -203,7 +214,7 @@ def _fused(art, rep: dict, layers: int) -> dict:
         "attention_ops": sorted({o for o in ops if o in ATTENTION_OPS}),
         "norms": sum(ops.count(o) for o in NORM_OPS),
         "rotary": ops.count("RotaryEmbedding") + rotary_in_kernel,
-        "nodes_first_layer": counts.get(0),
+        "nodes_first_layer": counts.get(0) or _segment(model, layers),
         "nodes_outside_layers": counts.get(-1, 0),
         "rolled_back": (fuse.get("counters") or {}).get("rolled_back", 0),
         "has_cache": any(v.name.startswith("past_key_values") for v in model.graph.inputs),
