@@ -16,7 +16,8 @@ expand_shape,          the rules match (fuse_canonical.py)
 scalar_where,
 reciprocal_div
 (prepare)              shape inference, constant folding, shape rules          onnxscript
-(reinfer_shapes)       shapes again, then reshape_dims/identity_reshape again  llmopt
+(reinfer_shapes)       shapes again; canonical_round_two: the canonical forms  llmopt
+                       again with them, then identity_reshape again
 canonical_dims         ``seq + past`` and ``past + seq`` spelled alike         llmopt
 rms_normalization      RMSNorm → ``SimplifiedLayerNormalization``              onnxscript
 skip_*_normalization   residual Add + norm → ``Skip(Simplified)LayerNorm``     onnxscript
@@ -133,6 +134,26 @@ def _prepare(model: ir.Model) -> int:
     return 0
 
 
+def _round_two(model: ir.Model) -> int:
+    """The canonical forms again once shapes are better known, then folding and shapes again."""
+    n = canon.expand_shape(model) + canon.reshape_dims_from_shape(model) + canon.static_dims(model)
+    if n:
+        _prepare(model)
+        canon.reinfer_shapes(model)
+    return n
+
+
+def _reshapes_again(model: ir.Model) -> int:
+    """With the rotary outputs' shapes known, reshapes between attention and its output projection
+    may now be proven identities (TorchScript's ``attn_output.reshape``): constant, then dropped."""
+    n = canon.reshape_dims_from_shape(model)
+    if n:
+        common_passes.ShapeInferencePass()(model)
+        n += pattern.RewriteRuleSet([ours.IdentityReshape.rule()]).apply_to_model(model)
+        common_passes.IdentityEliminationPass()(model)
+    return n
+
+
 def _cse(model: ir.Model) -> int:
     common_passes.CommonSubexpressionEliminationPass()(model)
     return 0
@@ -153,7 +174,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("prepare", func=_prepare),
     Stage("reinfer_shapes", func=canon.reinfer_shapes),
     # again, with the shapes the first round made known (TorchScript's chains resolve in two steps)
-    Stage("reshape_dims_from_shape", func=canon.reshape_dims_from_shape, shape_inference=True),
+    Stage("canonical_round_two", func=lambda m: _round_two(m)),
     Stage("identity_reshape", _rules(ours.IdentityReshape.rule())),
     Stage("drop_identity", func=lambda m: int(common_passes.IdentityEliminationPass()(m).modified)),
     Stage("canonical_dims", func=ours.canonical_dims),
@@ -167,6 +188,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("partial_rotary_embedding", rotary_embedding.partial_embedding_rules, enabled=lambda o: o.rotary, group="rotary"),
     Stage("rotary_positions_per_row", func=ours.rotary_positions_per_row, enabled=lambda o: o.rotary, group="rotary"),
     Stage("rotary_shapes", func=canon.rotary_shapes, enabled=lambda o: o.rotary, group="rotary"),
+    Stage("reshapes_after_rotary", func=lambda m: _reshapes_again(m), enabled=lambda o: o.rotary, group="rotary"),
     Stage("sdpa", sdpa.sdpa_rules, enabled=_attn("auto", "gqa", "mha"), shape_inference=True, group="attention"),
     Stage("canonical_dims_after_sdpa", func=ours.canonical_dims, enabled=_attn("auto", "gqa", "mha"), group="attention"),
     Stage("gqa", _rules(ours.ScaledGQA.rule()), enabled=_attn("auto", "gqa"), group="attention"),
@@ -190,7 +212,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 # Stages that are plumbing, not fusions: never counted or explained.
-_PLUMBING = {"prepare", "reinfer_shapes", "drop_identity", "rotary_shapes", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
+_PLUMBING = {"prepare", "reinfer_shapes", "reshapes_after_rotary", "drop_identity", "rotary_shapes", "cse", "canonical_dims", "canonical_dims_after_sdpa"}
 
 
 def _structure(model: ir.Model) -> tuple:
