@@ -158,7 +158,8 @@ def run_row(arch: str, form: str, work: Path) -> dict:
     import llmopt
     from llmopt.models.architectures import build, config
 
-    row: dict = {"arch": arch, "form": form}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    row: dict = {"arch": arch, "form": form, "commit": commit}
     cfg = config(arch)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     row["layers"] = layers
