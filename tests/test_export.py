@@ -58,3 +58,16 @@ def test_export_errors(tmp_path, hf_dirs):
     with pytest.raises(InputError, match="no weights"):
         export(tmp_path / "bad", tmp_path / "m.onnx")
     assert not list(tmp_path.glob("*.onnx*"))
+
+
+@pytest.mark.parametrize("kw, kv_heads", [({}, 1), ({"multi_query": False}, 4),
+                                          ({"new_decoder_architecture": True, "num_kv_heads": 2}, 4)])
+def test_kv_geometry_of_falcon(kw, kv_heads):
+    """Falcon says how many heads its cache holds with its own switches (it has no num_key_value_heads);
+    the exported past inputs must match what its attention caches, or torch.export refuses them."""
+    from transformers import AutoConfig
+
+    from llmopt.exporter import kv_geometry
+
+    cfg = AutoConfig.for_model("falcon", hidden_size=64, num_attention_heads=4, num_hidden_layers=2, **kw)
+    assert kv_geometry(cfg) == (2, kv_heads, 16)
