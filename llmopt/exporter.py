@@ -129,9 +129,9 @@ def kv_geometry(config) -> tuple[int, int, int]:
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if getattr(config, "model_type", "") == "falcon":  # Falcon's own switches (no num_key_value_heads): its cache
-        # holds one head with multi_query, every head otherwise (new_decoder_architecture repeats K/V first)
-        multi = getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False)
+    if hasattr(config, "multi_query"):  # Falcon, GPTBigCode: their own switch, no num_key_value_heads; the cache
+        # holds one head with multi_query, every head otherwise (Falcon's new_decoder_architecture repeats K/V first)
+        multi = config.multi_query and not getattr(config, "new_decoder_architecture", False)
         kv_heads = 1 if multi else heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return layers, kv_heads, head_dim

@@ -62,8 +62,8 @@ def test_export_errors(tmp_path, hf_dirs):
 
 @pytest.mark.parametrize("kw, kv_heads", [({}, 1), ({"multi_query": False}, 4),
                                           ({"new_decoder_architecture": True, "num_kv_heads": 2}, 4)])
-def test_kv_geometry_of_falcon(kw, kv_heads):
-    """Falcon says how many heads its cache holds with its own switches (it has no num_key_value_heads);
+def test_kv_geometry_of_multi_query_models(kw, kv_heads):
+    """Falcon and GPTBigCode say how many heads their cache holds with their own switches (no num_key_value_heads);
     the exported past inputs must match what its attention caches, or torch.export refuses them."""
     from transformers import AutoConfig
 
@@ -71,3 +71,5 @@ def test_kv_geometry_of_falcon(kw, kv_heads):
 
     cfg = AutoConfig.for_model("falcon", hidden_size=64, num_attention_heads=4, num_hidden_layers=2, **kw)
     assert kv_geometry(cfg) == (2, kv_heads, 16)
+    bigcode = AutoConfig.for_model("gpt_bigcode", n_embd=64, n_head=4, n_layer=2, multi_query=kw.get("multi_query", True))
+    assert kv_geometry(bigcode)[1] == (1 if kw.get("multi_query", True) else 4)
