@@ -125,35 +125,6 @@ def _segment(model, layers: int) -> int | None:
     return at[1] - at[0] if layers >= 2 and len(at) == layers else None
 
 
-def recompute_greedy(source: Path, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding by full recomputation with the source graph (empty past where it has one)."""
-    import numpy as np
-
-    from llmopt import verify
-
-    import llmopt
-    from llmopt import ir as irx
-
-    dims = {v.name: irx.cache_dims(v) for v in llmopt.load(source).graph.inputs if v.name.startswith("past_key_values")}
-    sess = verify.make_session(source)
-    inputs = {i.name: i for i in sess.get_inputs()}
-    seq = list(prompt)
-    for _ in range(n):
-        ids = np.array([seq], dtype=np.int64)
-        feeds = {"input_ids": ids}
-        for name, info in inputs.items():
-            if name == "attention_mask":
-                feeds[name] = np.ones_like(ids)
-            elif name == "position_ids":
-                feeds[name] = np.arange(len(seq), dtype=np.int64)[None]
-            elif name.startswith("past_key_values"):
-                kv_heads, head_dim = dims[name]
-                feeds[name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float16 if "float16" in info.type else np.float32)
-        logits = sess.run([sess.get_outputs()[0].name], feeds)[0]
-        seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
 def run_row(arch: str, form: str, work: Path) -> dict:
     import llmopt
     from llmopt.models.architectures import build, config
@@ -225,7 +196,7 @@ def _fused(art, rep: dict, layers: int) -> dict:
 
 def _greedy(src: Path, artifact: Path) -> dict:
     from llmopt.errors import LlmoptError
-    from llmopt.runtime import Generator
+    from llmopt.runtime import Generator, greedy_by_recompute
 
     prompt = [5, 17, 42, 8, 99, 3, 250, 61]
     try:
@@ -233,7 +204,7 @@ def _greedy(src: Path, artifact: Path) -> dict:
     except LlmoptError as exc:
         return {"status": "no cache", "why": _line(exc)}
     cached = gen.generate([prompt], max_new_tokens=32, eos_token_id=-1).tokens[0]
-    full = recompute_greedy(src, prompt, 32)
+    full = greedy_by_recompute(src, prompt, 32)
     agree = next((i for i, (a, b) in enumerate(zip(cached, full)) if a != b), len(full))
     return {"status": "equal" if cached == full else "differ", "first_difference": agree if cached != full else None}
 

@@ -245,16 +245,25 @@ def _eos_from(directory: Path) -> int | None:
 
 def greedy_by_recompute(model: str | os.PathLike, prompt: Sequence[int], max_new_tokens: int,
                         threads: int | None = None) -> list[int]:
-    """Reference decoding: run a graph *without* a cache over the whole sequence at every step."""
+    """Reference decoding: run the graph over the whole sequence at every step (a graph with cache
+    inputs gets them empty: no cache is used)."""
+    import onnx_ir as ir
+
     from llmopt import ir as irx
     from llmopt import verify
 
-    session = verify.make_session(irx.resolve_model_file(model), threads=threads)
+    path = irx.resolve_model_file(model)
+    pasts = {}
+    for v in irx.load(path).graph.inputs:
+        if _PAST.match(v.name):
+            kv_heads, head_dim = irx.cache_dims(v)
+            pasts[v.name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float16 if v.dtype == ir.DataType.FLOAT16 else np.float32)
+    session = verify.make_session(path, threads=threads)
     names = {i.name for i in session.get_inputs()}
     seq = list(prompt)
     for _ in range(max_new_tokens):
         ids = np.array([seq], dtype=np.int64)
-        feeds = {"input_ids": ids}
+        feeds = {"input_ids": ids, **pasts}
         if "attention_mask" in names:
             feeds["attention_mask"] = np.ones_like(ids)
         if "position_ids" in names:

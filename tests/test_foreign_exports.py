@@ -89,27 +89,9 @@ def test_optimum_export_fuses_like_llmopts_own(tmp_path):
     int8 = llmopt.compile(OPTIMUM_LLAMA, target="cpu-int8", out=tmp_path / "int8")
     assert int8.report["verification"]["passed"] and int8.report["speed"]["speedup"] > 0
     assert OPTIMUM_LLAMA.read_bytes() == before  # the input is never modified
-    from llmopt.runtime import Generator
+    from llmopt.runtime import Generator, greedy_by_recompute
 
     prompt = [5, 9, 14, 3, 77]
     cached = Generator(fp32.path).generate([prompt], 16, eos_token_id=-1).tokens[0]
-    assert cached == _recompute(OPTIMUM_LLAMA, prompt, 16)
+    assert cached == greedy_by_recompute(OPTIMUM_LLAMA, prompt, 16)  # the source, its cache inputs empty
 
-
-def _recompute(path, prompt, n):
-    """Greedy decoding by full recomputation with the source (empty past)."""
-    import numpy as np
-
-    from llmopt import verify
-
-    sess = verify.make_session(path)
-    seq = list(prompt)
-    for _ in range(n):
-        ids = np.array([seq], dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                 "position_ids": np.arange(len(seq), dtype=np.int64)[None]}
-        for i in sess.get_inputs():
-            if i.name.startswith("past_key_values"):
-                feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
-        seq.append(int(sess.run(["logits"], feeds)[0][0, -1].argmax()))
-    return seq[len(prompt):]
