@@ -330,7 +330,8 @@ def _compile(model_arg, hf_dir, source, tgt, pipeline, out, work, *, verify_mode
         compiled_file = staging / irx.MODEL_FILE
         if verify_model:
             _log(progress, f"verify  source vs compiled in ONNX Runtime ({', '.join(tgt.verify_providers)})")
-            ver = verify.verify_files(src_file, compiled_file, tgt.thresholds, tgt.verify_providers)
+            ver = verify.verify_files(src_file, compiled_file, tgt.thresholds, tgt.verify_providers,
+                                      config=tgt.verify_session_config)
             report["verification"] = ver.as_dict()
         if measure_speed or eval_text:
             _measure(report, irx.load(src_file), src_file, compiled_file, tgt, eval_text, eval_tokens, hf_dir,

@@ -147,7 +147,14 @@ def _static(d: Any, default: int) -> int:
 # --------------------------------------------------------------------------- running
 
 
-def session_options(threads: int | None = None, optimization: str = "all"):
+# The CPU provider standing in for a GPU on a QDQ graph: DequantizeLinear -> MatMul computed as
+# written (what an int8 GEMM with int32 accumulation gives), not fused into x86 integer kernels,
+# which on CPUs without VNNI add u8*s8 pairs in int16 and saturate on full-range int8 weights.
+QDQ_AS_WRITTEN = {"session.disable_quant_qdq": "1"}
+
+
+def session_options(threads: int | None = None, optimization: str = "all", config: dict[str, str] | None = None):
+    """ORT session options; ``config`` adds session config entries (such as ``QDQ_AS_WRITTEN``)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -161,17 +168,19 @@ def session_options(threads: int | None = None, optimization: str = "all"):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 4  # errors come back as exceptions (one line); ORT would also print them
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     return so
 
 
 def make_session(path: str | os.PathLike, providers: Iterable[str] = ("CPUExecutionProvider",), threads: int | None = None,
-                 optimization: str = "all"):
+                 optimization: str = "all", config: dict[str, str] | None = None):
     """An ORT session over a model file (by path, so external data is mapped, never inlined); a model
     ONNX Runtime refuses is an ``InputError`` (one line)."""
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimization),
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimization, config),
                                     providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - ORT's Fail/InvalidGraph/InvalidArgument/NotImplemented...
         msg = first_line(exc, 400).split(" failed:", 1)[-1].strip()
@@ -206,14 +215,16 @@ def saved(model: ir.Model):
         yield irx.save(model, tmp / irx.MODEL_FILE)
 
 
-def run_ir_model(model: ir.Model, feeds_list: list[dict[str, np.ndarray]], providers=("CPUExecutionProvider",)):
+def run_ir_model(model: ir.Model, feeds_list: list[dict[str, np.ndarray]], providers=("CPUExecutionProvider",),
+                 config: dict[str, str] | None = None):
     """Save ``model`` to a temporary directory and run it in ORT on each feed."""
     with saved(model) as path:
-        return run_path(path, feeds_list, providers)
+        return run_path(path, feeds_list, providers, config)
 
 
-def run_path(path, feeds_list: list[dict[str, np.ndarray]], providers=("CPUExecutionProvider",)):
-    sess = make_session(path, providers)
+def run_path(path, feeds_list: list[dict[str, np.ndarray]], providers=("CPUExecutionProvider",),
+             config: dict[str, str] | None = None):
+    sess = make_session(path, providers, config=config)
     return [run(sess, f) for f in feeds_list]
 
 
@@ -317,16 +328,19 @@ def verify_files(
     thresholds: Thresholds,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
     seed: int = 0,
+    config: dict[str, str] | None = None,
 ) -> Verification:
     """Run source and compiled models in ORT on the same samples and compare their logits.
 
     When the source has no KV cache and the compiled model has one (the ``kv-cache`` pass added
     it), the compiled model decodes incrementally — a prefill, then one token per step — and its
     logits are compared with the source's over the whole sequence (full recomputation).
+    ``config``: session config entries for the compiled model's session (a target's
+    ``verify_session_config``).
     """
     src_model = irx.load(source)
     if not has_past_inputs(src_model) and has_past_inputs(irx.load(compiled)):
-        return _verify_incremental(source, compiled, src_model, thresholds, providers, seed)
+        return _verify_incremental(source, compiled, src_model, thresholds, providers, seed, config=config)
     shapes = default_shapes(has_past_inputs(src_model))
     feeds = [sample_inputs(src_model, sh, seed + i) for i, sh in enumerate(shapes)]
     del src_model
@@ -338,7 +352,7 @@ def verify_files(
                          f"({first_line(exc, 240)}); compile with --no-verify if its inputs are not a "
                          "decoder's (input_ids, attention_mask, position_ids, past_key_values.*)") from None
     del ref_sess
-    sess = _compiled_session(compiled, providers)
+    sess = _compiled_session(compiled, providers, config)
     figs = []
     for shape, ref, feed in zip(shapes, refs, feeds):
         try:
@@ -350,9 +364,9 @@ def verify_files(
     return Verification(worst(figs), thresholds, [dataclasses.asdict(s) for s in shapes], providers[0])
 
 
-def _compiled_session(compiled, providers):
+def _compiled_session(compiled, providers, config=None):
     try:
-        return make_session(irx.resolve_model_file(compiled), providers)
+        return make_session(irx.resolve_model_file(compiled), providers, config=config)
     except Exception as exc:  # ORT refuses the graph: a pass produced something it cannot run
         raise VerificationError(
             f"ONNX Runtime ({providers[0]}) cannot load the compiled model: {first_line(exc)}; "
@@ -361,7 +375,7 @@ def _compiled_session(compiled, providers):
 
 
 def _verify_incremental(source, compiled, src_model, thresholds: Thresholds, providers, seed: int,
-                        batch: int = 2, prefill: int = 8, steps: int = 4) -> Verification:
+                        batch: int = 2, prefill: int = 8, steps: int = 4, config=None) -> Verification:
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab_size(src_model), size=(batch, prefill + steps)).astype(np.int64)
     del src_model
@@ -370,7 +384,7 @@ def _verify_incremental(source, compiled, src_model, thresholds: Thresholds, pro
                           "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()})
     key = logits_name(full)
     del ref_sess
-    sess = _compiled_session(compiled, providers)
+    sess = _compiled_session(compiled, providers, config)
     pasts = [i for i in sess.get_inputs() if _is_past(i.name)]
     feeds = {p.name: np.zeros((batch, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts}  # cast by run()
     figs, start = [], 0

@@ -11,7 +11,10 @@
     int8 dot products). Measured faster for decode on AVX512-VNNI CPUs
     (docs/benchmarks.md);
   * ``dynamic``: ``com.microsoft::DynamicQuantizeMatMul`` with one scale per
-    output channel (or per tensor) and the activation quantized per tensor.
+    output channel (or per tensor) and the activation quantized per tensor. Weights are
+    on 7 bits (-63..63) by default (``reduce_range``): ONNX Runtime's u8 x s8 kernel on x86
+    CPUs without VNNI adds pairs of products in int16 and saturates on full-range int8
+    weights (one logit off by 4 on a 64-wide test layer, measured on such a CPU).
 
   A following bias ``Add`` is folded into the kernel's bias input.
 - ``Gather(E, ids)`` on a constant float32 embedding table becomes a Gather of int8
@@ -66,6 +69,8 @@ class QuantizeDynamicOptions:
     block_size: int = option(128, "nbits: input rows per scale (power of two, >= 16)")
     accuracy_level: int = option(4, "nbits: 4 = int8 activations and int8 compute; 0 = fp32 compute")
     per_channel: bool = option(True, "dynamic kernel and Gather: one scale per channel/row (else per tensor)")
+    reduce_range: bool = option(True, "dynamic kernel: 7-bit weights (-63..63), which no x86 CPU "
+                                      "saturates; false: full int8, for CPUs with VNNI only")
     matmul: bool = option(True, "quantize MatMul/Gemm weights")
     gather: bool = option(True, "quantize embedding tables read by Gather")
     min_elements: int = option(4096, "leave weights with fewer elements in float")
@@ -80,17 +85,17 @@ class QuantizeDynamicOptions:
             raise ValueError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
 
 
-def quantize_symmetric(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """int8 symmetric quantization; ``axis`` is the axis that keeps one scale per index."""
+def quantize_symmetric(w: np.ndarray, axis: int | None, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """int8 symmetric quantization on ``-levels..levels``; ``axis`` is the axis that keeps one scale per index."""
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         amax = np.array(np.abs(w).max(), dtype=np.float32)
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.abs(w).max(axis=reduce, keepdims=True)
-    scale = np.array(amax / 127.0, dtype=np.float32)  # an array even per tensor (0-d)
+    scale = np.array(amax / float(levels), dtype=np.float32)  # an array even per tensor (0-d)
     scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / scale), -levels, levels).astype(np.int8)
     return q, scale
 
 
@@ -369,8 +374,12 @@ class QuantizeDynamic(Pass):
                 attributes={"K": k, "N": n, "bits": 8, "block_size": self.options.block_size,
                             "accuracy_level": self.options.accuracy_level},
             )
-        q, scale = quantize_symmetric(w, axis=1 if self.options.per_channel else None)
-        self._record_error(base, dense_error(w, q, scale), 8, "rtn", None, node)
+        # ONNX Runtime's u8 x s8 kernel on x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake)
+        # adds pairs of products in int16 (VPMADDUBSW), which saturates: 255 * 127 * 2 > 32767.
+        # Weights on -63..63 keep every pair in range (ONNX Runtime's own ``reduce_range``).
+        bits = 7 if self.options.reduce_range else 8
+        q, scale = quantize_symmetric(w, axis=1 if self.options.per_channel else None, levels=2 ** (bits - 1) - 1)
+        self._record_error(base, dense_error(w, q, scale), bits, "rtn", None, node)
         scale = (scale.reshape(-1) * np.float32(alpha)).astype(np.float32)
         inputs = [a, self._initializer(f"{base}_int8", q), self._initializer(f"{base}_scale", scale)]
         if bias is not None:

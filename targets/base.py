@@ -23,6 +23,9 @@ class Target:
     # Providers the compile-time verification runs the artifact with (CPU here,
     # so CUDA targets can be checked on machines without a GPU).
     verify_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # Session config entries for that verification (cuda-int8: QDQ computed as written, see
+    # verify.QDQ_AS_WRITTEN, so a CPU's integer kernels do not stand in for the GPU's).
+    verify_session_config: dict[str, str] = dataclasses.field(default_factory=dict)
     emits: tuple[str, ...] = ARTIFACT_FILES
     # (domain, op_type) pairs the provider implements; the compile fails on any other op. None: no check.
     supported_ops: frozenset[tuple[str, str]] | None = None
@@ -46,5 +49,6 @@ class Target:
             "pipeline": self.pipeline,
             "thresholds": self.thresholds.as_dict(),
             "verify_providers": list(self.verify_providers),
+            "verify_session_config": dict(self.verify_session_config),
             "emits": list(self.emits),
         }

@@ -1,11 +1,11 @@
 """`cuda-int8`: QDQ int8 (symmetric per-channel weights, symmetric calibrated activations), as the
-CUDA and TensorRT execution providers consume it. Verified on the CPU provider here; every op must
-be one the CUDA provider implements."""
+CUDA and TensorRT execution providers consume it. Verified on the CPU provider here, with the QDQ
+graph computed as written (verify.QDQ_AS_WRITTEN); every op must be one the CUDA provider implements."""
 
 from llmopt.registry import register_target
 from llmopt.targets.base import Target
 from llmopt.targets.cuda_ops import CUDA_OPS
-from llmopt.verify import Thresholds
+from llmopt.verify import QDQ_AS_WRITTEN, Thresholds
 
 CUDA_INT8 = register_target(
     Target(
@@ -17,6 +17,7 @@ CUDA_INT8 = register_target(
         thresholds=Thresholds(min_cosine=0.98, min_top1=0.5),
         session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
         verify_providers=("CPUExecutionProvider",),
+        verify_session_config=QDQ_AS_WRITTEN,
         supported_ops=CUDA_OPS,
     )
 )

@@ -45,6 +45,8 @@ def test_cuda_int8_checks_ops_on_cpu(exported, tmp_path):
     art = llmopt.compile(src, target="cuda-int8", out=tmp_path / "ok", measure_speed=False,
                          passes="fold,cleanup,fuse,kv-cache,qdq{calibration=random,samples=4,seq_len=16},cleanup")
     assert art.report["provider"] == "CUDAExecutionProvider" and art.report["verification"]["passed"]
+    # verified with the QDQ graph computed as written, not by the CPU's (VNNI-dependent) integer kernels
+    assert art.report["target"]["verify_session_config"] == {"session.disable_quant_qdq": "1"}
     with pytest.raises(VerificationError, match="DynamicQuantizeMatMul"):  # a CPU-only kernel
         llmopt.compile(src, target="cuda-int8", out=tmp_path / "bad", measure_speed=False,
                        passes="fold,cleanup,fuse,quantize-dynamic{kernel=dynamic},cleanup")

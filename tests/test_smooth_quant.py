@@ -32,6 +32,7 @@ def test_smooth_quant_then_qdq_runs(exported):
     before = verify.run_ir_model(model, feeds)
     opts = "calibration=random,samples=4,seq_len=16"
     llmopt.run_pipeline(model, f"fold,cleanup,fuse,smooth-quant{{{opts}}},qdq{{{opts}}},cleanup")
-    after = verify.run_ir_model(model, feeds)
+    # the QDQ graph's own numbers (as cuda-int8 verifies it): x86 integer kernels without VNNI saturate
+    after = verify.run_ir_model(model, feeds, config=verify.QDQ_AS_WRITTEN)
     for b, a in zip(before, after):
         assert verify.compare(b, a).cosine > 0.98
