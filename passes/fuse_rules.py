@@ -37,6 +37,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import gqa
 
 from llmopt import ir as irx
+from llmopt.passes import fuse_mask
 
 MS = "com.microsoft"
 
@@ -525,12 +526,19 @@ class ScaledGQA(gqa.GroupQueryAttention):
     1/√head_size); onnxscript's rule drops it, so a model with its own scale (Granite's
     ``attention_multiplier``, Gemma's ``query_pre_attn_scalar``) fused to the wrong numbers. The
     kernel takes the scale as an attribute; this rule sets it.
+
+    It also reads the mask the kernel replaces (``fuse_mask``): a sliding window becomes
+    ``local_window_size``; onnxscript's rule drops any mask unchecked, so Mistral's window was lost.
     """
 
-    def check(self, context, query_BHSDh_rope, **kwargs):
-        result = super().check(context, query_BHSDh_rope=query_BHSDh_rope, **kwargs)
+    def check(self, context, query_BHSDh_rope, mask=None, **kwargs):
+        result = super().check(context, query_BHSDh_rope=query_BHSDh_rope, mask=mask, **kwargs)
         if not result:
             return result
+        try:
+            self._window = fuse_mask.sliding_window(mask)
+        except fuse_mask.MaskNotUnderstood as exc:
+            return pattern.MatchResult().fail(str(exc), mask)
         sdpa = next((u.node for u in query_BHSDh_rope.uses() if u.node.op_type == "SDPA"), None)
         scale = sdpa.attributes.get("scale") if sdpa is not None else None
         self._scale = None if scale is None or scale.value is None else float(scale.value)
@@ -538,7 +546,9 @@ class ScaledGQA(gqa.GroupQueryAttention):
 
     def rewrite(self, op, **kwargs):
         outputs = super().rewrite(op, **kwargs)
+        node = outputs[0].producer()
         if self._scale is not None:
-            node = outputs[0].producer()
             node.attributes["scale"] = ir.AttrFloat32("scale", self._scale)
+        if self._window is not None:
+            node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", self._window)
         return outputs
