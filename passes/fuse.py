@@ -26,8 +26,12 @@ cos_sin_cache          cos/sin of the angles → shared cache initializers      
 partial_rotary_...     rotary over part of the head (Phi)                      onnxscript
 rotary_positions_...   ``[1, S]`` position ids → ``[batch, S]`` (no-cache exports)  llmopt
 sdpa                   MatMul/Softmax/mask chain → SDPA (internal)             onnxscript
+sdpa_softcap           the same with ``cap·tanh(s/cap)`` on the scores (Gemma  llmopt
+                       2) → SDPA with ``softcap``
 gqa                    SDPA with grouped K/V + rotary → ``GroupQueryAttention``  onnxscript,
-                       (with the graph's attention scale)                      llmopt
+                       (with the graph's attention scale, soft cap, and the    llmopt
+                       mask's sliding window as ``local_window_size``,
+                       fuse_mask.py)
 gqa_seqlens_from_mask  GQA's lengths from ``attention_mask`` (else per row     llmopt
                        from ``input_ids``' shape)
 pack_qkv               three Q/K/V MatMuls → one packed MatMul                 llmopt
@@ -190,6 +194,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("rotary_shapes", func=canon.rotary_shapes, enabled=lambda o: o.rotary, group="rotary"),
     Stage("reshapes_after_rotary", func=lambda m: _reshapes_again(m), enabled=lambda o: o.rotary, group="rotary"),
     Stage("sdpa", sdpa.sdpa_rules, enabled=_attn("auto", "gqa", "mha"), shape_inference=True, group="attention"),
+    Stage("sdpa_softcap", _rules(ours.SoftcapSDPA.rule()), enabled=_attn("auto", "gqa", "mha"), shape_inference=True,
+          group="attention"),
     Stage("canonical_dims_after_sdpa", func=ours.canonical_dims, enabled=_attn("auto", "gqa", "mha"), group="attention"),
     Stage("gqa", _rules(ours.ScaledGQA.rule()), enabled=_attn("auto", "gqa"), group="attention"),
     Stage("gqa_seqlens_from_mask", func=ours.gqa_seqlens_from_mask, enabled=_attn("auto", "gqa"), group="attention"),

@@ -34,7 +34,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
-from onnxscript.rewriter.ort_fusions import gqa
+from onnxscript.rewriter.ort_fusions import gqa, sdpa
 
 from llmopt import ir as irx
 from llmopt.passes import fuse_mask
@@ -539,9 +539,11 @@ class ScaledGQA(gqa.GroupQueryAttention):
             self._window = fuse_mask.sliding_window(mask)
         except fuse_mask.MaskNotUnderstood as exc:
             return pattern.MatchResult().fail(str(exc), mask)
-        sdpa = next((u.node for u in query_BHSDh_rope.uses() if u.node.op_type == "SDPA"), None)
-        scale = sdpa.attributes.get("scale") if sdpa is not None else None
+        node = next((u.node for u in query_BHSDh_rope.uses() if u.node.op_type == "SDPA"), None)
+        scale = node.attributes.get("scale") if node is not None else None
         self._scale = None if scale is None or scale.value is None else float(scale.value)
+        cap = node.attributes.get("softcap") if node is not None else None
+        self._softcap = None if cap is None else float(cap.value)
         return result
 
     def rewrite(self, op, **kwargs):
@@ -551,4 +553,50 @@ class ScaledGQA(gqa.GroupQueryAttention):
             node.attributes["scale"] = ir.AttrFloat32("scale", self._scale)
         if self._window is not None:
             node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", self._window)
+        if self._softcap is not None:
+            node.attributes["softcap"] = ir.AttrFloat32("softcap", self._softcap)
         return outputs
+
+
+class SoftcapSDPA(sdpa.SDPA):
+    """onnxscript's ``SDPA`` rule with a logit soft cap between the scaled scores and the mask:
+    ``cap * tanh(scores / cap)`` (Gemma 2). The internal SDPA node carries ``softcap``;
+    ``ScaledGQA`` hands it to GroupQueryAttention, which has the attribute (MultiHeadAttention has
+    not: there the guard rolls the attention back)."""
+
+    def pattern(self, op, query, key, value, mask, query_scale, key_scale, qk_scale, cap_in, cap_out):  # noqa: PLR0913
+        key_transposed = pattern.OrValue(
+            [op.Transpose(key, perm=[0, 1, 3, 2]),
+             op.Reshape(op.Transpose(op.Reshape(key, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE),
+             op.Transpose(key, perm=[0, 2, 3, 1])],
+            tag_var="key_format", tag_values=["BHSd", "BHSd", "BSHd"])
+        query = pattern.OrValue([op.Mul(query, query_scale), op.Div(query, query_scale), query],
+                                tag_var="query_scaling", tag_values=["Mul", "Div", "None"])
+        key_transposed = pattern.OrValue(
+            [op.Mul(key_transposed, key_scale), op.Div(key_transposed, key_scale), key_transposed],
+            tag_var="key_scaling", tag_values=["Mul", "Div", "None"])
+        score = op.MatMul(query, key_transposed)
+        score = pattern.OrValue([op.Mul(score, qk_scale), op.Div(score, qk_scale), score],
+                                tag_var="qk_scaling", tag_values=["Mul", "Div", "None"])
+        capped = op.Mul(op.Tanh(op.Div(score, cap_in)), cap_out)
+        capped = pattern.OrValue([op.Add(capped, mask), capped], tag_var="has_mask", tag_values=[True, False])
+        weight = op.Softmax(capped, axis=-1)
+        weight = pattern.OrValue([op.Where(op.IsNaN(weight), 0.0, weight), weight])
+        return op.MatMul(weight, value)
+
+    def check(self, context, cap_in, cap_out, **kwargs):
+        from onnxscript.rewriter import _ir_utils
+
+        result = super().check(context, **kwargs)
+        if not result:
+            return result
+        a, b = _ir_utils.get_singleton_value(cap_in), _ir_utils.get_singleton_value(cap_out)
+        if a is None or b is None or float(a) != float(b) or float(a) <= 0:
+            return pattern.MatchResult().fail(f"not a soft cap: tanh(x / {a}) * {b}", [cap_in, cap_out])
+        self._softcap = float(a)
+        return result
+
+    def rewrite(self, op, **kwargs):
+        out = super().rewrite(op, **{k: v for k, v in kwargs.items() if k not in ("cap_in", "cap_out")})
+        out.producer().attributes["softcap"] = ir.AttrFloat32("softcap", self._softcap)
+        return out
