@@ -103,8 +103,10 @@ def judge_output(o: Outcome, stderr: str, out: Path, existed_before: bool) -> No
 # --------------------------------------------------------------------------- running in a forked child
 
 
-def run_forked(argv: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str]:
-    """Run llmopt's CLI main(argv) in a forked child; (exit code, stderr). A signal shows as 128 + signo."""
+def run_forked(argv: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str, int]:
+    """Run llmopt's CLI main(argv) in a forked child; (exit code, stderr, the child's pid: temporary
+    entries carry it, so ``leftovers`` sees this run's, not a concurrent test run's). A signal shows
+    as 128 + signo."""
     err = tempfile.TemporaryFile()
     pid = os.fork()
     if pid == 0:  # the child
@@ -144,7 +146,7 @@ def run_forked(argv: list[str], cwd: Path, timeout: float = 300) -> tuple[int, s
     err.seek(0)
     stderr = err.read().decode("utf-8", "replace")
     rc = os.waitstatus_to_exitcode(status) if done else -signal.SIGKILL
-    return (128 - rc if rc < 0 else rc), stderr
+    return (128 - rc if rc < 0 else rc), stderr, pid
 
 
 # --------------------------------------------------------------------------- damaged models
@@ -341,7 +343,7 @@ def damaged_model_cases(base: Path, root: Path, n: int, rng: random.Random) -> l
         command = rng.choice([["compile", str(src / "model.onnx"), "-o", str(out)],
                               ["compile", str(src / "model.onnx"), "-o", str(out), "--target", "cpu-int4"],
                               ["inspect", str(src / "model.onnx")]])
-        rc, stderr = run_forked(command, case)
+        rc, stderr, child = run_forked(command, case)
         o = Outcome("damaged model", f"{mutate.__name__}: {what} ({command[0]})", rc)
         judge_output(o, stderr, out if command[0] == "compile" else case / "no-output", existed_before=False)
         if rc == 0 and command[0] != "compile":
@@ -350,7 +352,7 @@ def damaged_model_cases(base: Path, root: Path, n: int, rng: random.Random) -> l
             o.note = stderr[max(0, stderr.find("Traceback") - 200):][:1500] if "Traceback" in stderr else stderr[-1500:]
         o.input_modified = tree_digest(src) != before
         if rc != 0:
-            o.partial_output |= bool(leftovers(case))
+            o.partial_output |= bool(leftovers(case, child))
         outcomes.append(o)
         shutil.rmtree(case, ignore_errors=True)
     return outcomes
@@ -433,11 +435,11 @@ def malformed_pipeline_cases(base: Path, root: Path, n: int, rng: random.Random)
                                       ("--max-ppl-increase", rng.choice(["1", "1%", "-5%", "nan", "x"])),
                                       ("--min-speedup", rng.choice(["0", "-1", "nan", "1e9"]))])
             argv, what = [flag, value], f"{flag} {value!r}"
-        rc, stderr = run_forked(["compile", str(src / "model.onnx"), "-o", str(out), *argv], root)
+        rc, stderr, child = run_forked(["compile", str(src / "model.onnx"), "-o", str(out), *argv], root)
         o = Outcome("malformed pipeline/recipe/option", what, rc)
         judge_output(o, stderr, out, existed_before=False)
         if rc != 0:
-            o.partial_output |= bool(leftovers(root))
+            o.partial_output |= bool(leftovers(root, child))
         outcomes.append(o)
         shutil.rmtree(out, ignore_errors=True)
     if tree_digest(src) != before:
@@ -453,7 +455,7 @@ def interrupted_cases(base: Path, root: Path, n: int, rng: random.Random) -> lis
     src = private_copy(base, root / "int-in")
     before_in = tree_digest(src)
     out, report = root / "art", root / "report.json"
-    rc, stderr = run_forked(["compile", str(src / "model.onnx"), "-o", str(out), "--target", "cpu-fp32",
+    rc, stderr, _ = run_forked(["compile", str(src / "model.onnx"), "-o", str(out), "--target", "cpu-fp32",
                              "--report", str(report)], root)
     assert rc == 0, stderr
     started = time.monotonic()
