@@ -20,7 +20,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from llmopt import atomic, preflight
+from llmopt import atomic, export_cache, preflight
 from llmopt import ir as irx
 from llmopt.genai import TOKENIZER_FILES
 from llmopt.errors import InputError, MissingDependencyError, OutputError, first_line
@@ -169,6 +169,13 @@ def export(
     preflight.check(preflight.directory_inputs("model file", src),
                     [preflight.Output("-o", out), preflight.Output("-o (its weights)", out.parent / data_name), *tokenizer])
     atomic.sweep(out)
+    # exports of models small enough to keep a copy of are cached (llmopt/export_cache.py)
+    cache_key = export_cache.key(src, with_past=with_past, opset=opset) if export_cache.worth_storing(src) else None
+    cached = export_cache.lookup(cache_key) if cache_key else None
+    if cached is not None:  # exported before, from these very files, by this very exporter
+        _publish(irx.load(cached), out, data_name)
+        _copy_tokenizer(src, out.parent)
+        return out
     model = load_hf_model(src)
     import torch
 
@@ -221,14 +228,21 @@ def export(
     onnx_model.producer_name = "llmopt.export"
     onnx_model.metadata_props["llmopt.architecture"] = type(model).__name__
     onnx_model.metadata_props["llmopt.with_past"] = str(with_past).lower()
+    _publish(onnx_model, out, data_name)
+    if cache_key:
+        export_cache.store(cache_key, lambda path: (shutil.copyfile(out, path),
+                                                     shutil.copyfile(out.parent / data_name, path.parent / data_name)))
+    _copy_tokenizer(src, out.parent)
+    return out
+
+
+def _publish(onnx_model, out: Path, data_name: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = atomic.staging_path(out)
     try:
         atomic.publish_model(irx.save(onnx_model, staging / out.name, data_name=data_name), out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _copy_tokenizer(src, out.parent)
-    return out
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

@@ -10,10 +10,19 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# the export cache of this session (subprocesses inherit it): never the user's, never a stale one
+_CACHE = Path(__import__("tempfile").mkdtemp(prefix="llmopt-test-cache-"))
+os.environ["LLMOPT_CACHE_DIR"] = str(_CACHE)
 
 from llmopt.models.architectures import ARCHITECTURES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
