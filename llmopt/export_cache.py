@@ -48,12 +48,18 @@ def _versions() -> list[str]:
     return found
 
 
+def _files(model_dir: Path) -> list[Path]:
+    """The directory's files, hidden ones (a clone's .git, editor files) left out."""
+    return sorted(p for p in model_dir.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts))
+
+
 def key(model_dir: Path, **options) -> str:
     """The cache key of exporting ``model_dir`` with ``options`` (streams every file: memory stays flat)."""
     h = hashlib.sha256()
     for item in [*_versions(), *(f"{k}={options[k]}" for k in sorted(options))]:
         h.update(item.encode() + b"\0")
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+    for path in _files(model_dir):
         h.update(str(path.relative_to(model_dir)).encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -62,7 +68,7 @@ def key(model_dir: Path, **options) -> str:
 
 
 def weight_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    return sum(p.stat().st_size for p in _files(model_dir) if p.suffix in _WEIGHT_SUFFIXES)
 
 
 def worth_storing(model_dir: Path) -> bool:
