@@ -109,6 +109,19 @@ def sweep_work_dirs() -> list[Path]:
     return done
 
 
+def remove_own_work_dirs() -> list[Path]:
+    """Remove this process's temporary directories: on Ctrl-C, once every ``with`` has unwound, so
+    that an interrupt landing inside a cleanup (an ``rmtree`` in a ``finally``) leaves nothing."""
+    root = Path(tempfile.gettempdir())
+    done = []
+    for entry in root.iterdir():
+        m = _WORK.match(entry.name)
+        if m and int(m["pid"]) == os.getpid():
+            _remove(entry)
+            done.append(entry)
+    return done
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -210,11 +210,15 @@ def _summarize(runs: list[dict], gen: Generator, batch: int, s: BenchSettings, w
         "kv_cache_bytes_measured": runs[-1]["cache_bytes"],
         "kv_cache_bytes_allocated_shared": gen.layout.bytes(batch, s.prompt_len + s.new_tokens) if gen.layout.buffer == "shared" else None,
         "bytes_read_per_step": read,
-        "roofline_step_ms": round(roofline_s * 1e3, 3),
-        "roofline_fraction": round(roofline_s / step_s, 3),
+        "roofline_step_ms": _significant(roofline_s * 1e3),  # a tiny model's step is ~0.02 ms: digits, not decimals
+        "roofline_fraction": _significant(roofline_s / step_s),
         "roofline_note": note,
         "steps_ms_last_run": [round(x, 3) for x in runs[-1]["steps_ms"]],
     }
+
+
+def _significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
 
 
 def format_bench(r: dict[str, Any]) -> str:

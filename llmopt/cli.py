@@ -283,6 +283,20 @@ def _on_signal(signum, frame):
 INTERRUPTED = "interrupted; nothing was written (a previous output at that path is unchanged)"
 
 
+def _after_interrupt() -> None:
+    """What a second signal inside a ``finally`` could have left: this process's temporary folders."""
+    from llmopt import atomic
+
+    if not threading_main():
+        atomic.remove_own_work_dirs()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut this short
+    try:
+        atomic.remove_own_work_dirs()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _install_signal_handlers() -> None:
     if not threading_main():
         return
@@ -306,10 +320,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt, Terminated):  # click turns Ctrl-C into Abort
+        _after_interrupt()
         print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # click usage errors (typer may bundle its own click) carry their own exit code
         if _signalled:  # e.g. Ctrl-C while onnxruntime's extension initializes surfaces as ImportError
+            _after_interrupt()
             print(INTERRUPTED, file=sys.stderr)
             sys.exit(130)
         if _is_usage_error(exc):

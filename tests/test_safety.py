@@ -287,3 +287,21 @@ def test_write_atomic_refuses_a_directory_and_leaves_no_temp_file(tmp_path):
         atomic.write_atomic(tmp_path, "x")
     atomic.write_atomic(tmp_path / "a" / "b.json", "{}")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+
+
+def test_interrupt_removes_this_process_work_dirs_only(tmp_path):
+    """Ctrl-C can land inside a cleanup (the rmtree in a finally); the CLI then removes what this
+    process left in the temp dir, and nothing of another live process."""
+    import os
+    import tempfile
+
+    from llmopt import atomic
+
+    mine = atomic.work_dir("verify")
+    (mine / "model.onnx").write_bytes(b"x")
+    other = Path(tempfile.mkdtemp(prefix=f"llmopt-verify-{os.getppid()}-"))  # a live process's
+    try:
+        assert atomic.remove_own_work_dirs() == [mine]
+        assert not mine.exists() and other.exists()
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
