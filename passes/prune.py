@@ -11,7 +11,8 @@ Patterns:
 
 - ``unstructured``: the lowest-scoring ``sparsity`` fraction is zeroed, per tensor
   (``scope=layer``; for wanda per output column, as the paper compares) or over all candidate
-  tensors at once (``scope=global``, magnitude);
+  tensors at once (``scope=global``, magnitude; the global threshold is found by streaming the
+  tensors one at a time, ``kth_smallest``, never every score in memory);
 - ``N:M`` (``2:4``, ``4:8``): in every group of M consecutive input channels of each output column,
   exactly N weights stay — the layout sparse tensor cores accelerate. M must divide K;
 - ``structured=ffn-channels`` with ``ratio``: whole intermediate channels of gated MLPs
@@ -180,15 +181,18 @@ class Prune(Pass):
         return {n: o[0].norm for n, o in obs.items()}
 
     def _global_threshold(self, sites, norms) -> float:
-        scores = []
-        for node, w in sites:
-            s = np.abs(w.const_value.numpy().astype(np.float32))
-            if self.options.method == "wanda":
-                s = s * norms[node.inputs[0].name][:, None]
-            scores.append(s.reshape(-1))
-        allscores = np.concatenate(scores)
-        k = int(round(self.options.sparsity * allscores.size))
-        return float(np.partition(allscores, k)[k]) if k else -np.inf
+        """The score below which ``sparsity`` of all weights fall: found by streaming, one tensor at
+        a time (``kth_smallest``), never every score in memory at once."""
+        def scores():
+            for node, w in sites:
+                s = np.abs(w.const_value.numpy().astype(np.float32))
+                if self.options.method == "wanda":
+                    s = s * norms[node.inputs[0].name][:, None]
+                yield s.reshape(-1)
+
+        total = sum(w.const_value.size for _, w in sites)
+        k = int(round(self.options.sparsity * total))
+        return kth_smallest(scores, k) if k else -np.inf
 
     def _mask(self, score: np.ndarray, threshold: float | None, sparsity: float | None = None) -> np.ndarray:
         """True where a weight stays."""
@@ -375,3 +379,36 @@ def _gated_mlps(model: ir.Model) -> list[dict]:
                           "hidden_values": [gate_out, up_out, down.inputs[0], *extra]})
             break
     return found
+
+
+def kth_smallest(arrays, k: int, bins: int = 4096, limit: int = 1 << 22) -> float:
+    """The ``k``-th smallest value (0-based) of all the values ``arrays()`` yields, as
+    ``np.partition(np.concatenate(list(arrays())), k)[k]`` would give, holding one array at a time:
+    a histogram over the range narrows it to the bin holding the answer, pass after pass, until that
+    bin's values are few (``limit``) or all equal. ``arrays`` is called once per pass."""
+    lo, hi, below = -np.inf, np.inf, 0  # the answer lies in [lo, hi); ``below`` values are smaller
+    while True:
+        count, vmin, vmax, kept = 0, np.inf, -np.inf, []
+        for a in arrays():
+            a = np.asarray(a, np.float64)
+            sel = a[(a >= lo) & (a < hi)]
+            if sel.size:
+                count, vmin, vmax = count + sel.size, min(vmin, sel.min()), max(vmax, sel.max())
+                if count <= limit:
+                    kept.append(sel)
+        if not 0 <= k - below < count:
+            raise ValueError(f"k={k} is outside the {below + count} values")
+        if vmin == vmax:
+            return float(vmin)
+        if count <= limit:
+            return float(np.partition(np.concatenate(kept), k - below)[k - below])
+        edges = np.linspace(vmin, np.nextafter(vmax, np.inf), bins + 1)
+        counts = np.zeros(bins, np.int64)
+        for a in arrays():
+            a = np.asarray(a, np.float64)
+            sel = a[(a >= lo) & (a < hi)]
+            counts += np.bincount(np.searchsorted(edges, sel, side="right") - 1, minlength=bins)[:bins]
+        cum = np.cumsum(counts)
+        j = int(np.searchsorted(cum, k - below, side="right"))
+        below += int(cum[j - 1]) if j else 0
+        lo, hi = edges[j], edges[j + 1]

@@ -136,3 +136,23 @@ def test_per_layer_overrides(exported):
     assert all(v == pytest.approx(0.5, abs=1e-3) for v in sparsity.values())
     with pytest.raises(PipelineError, match="PATTERN:SPARSITY"):
         llmopt.run_pipeline(_fused(exported), "prune{overrides=nonsense}")
+
+
+def test_global_threshold_streams_and_matches_the_exact_quantile():
+    """``scope=global`` finds its threshold one tensor at a time (a narrowing histogram), and gets the
+    very value ``np.partition`` over every score at once would: ties, zeros and constant tensors too."""
+    from llmopt.passes.prune import kth_smallest
+
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        arrays = []
+        for _ in range(int(rng.integers(1, 5))):
+            a = np.abs(rng.standard_normal(int(rng.integers(1, 3000)))).astype(np.float32)
+            kind = rng.integers(0, 4)
+            a = a if kind == 0 else np.where(np.arange(a.size) < a.size // 2, 0, a) if kind == 1 else \
+                np.round(a, 1) if kind == 2 else np.full(a.size, 0.5, np.float32)
+            arrays.append(a)
+        every = np.concatenate(arrays).astype(np.float64)
+        k = int(rng.integers(0, every.size))
+        # tiny bins and limit: many narrowing passes over the arrays
+        assert kth_smallest(lambda: iter(arrays), k, bins=4, limit=7) == np.partition(every, k)[k]
