@@ -21,7 +21,9 @@ Patterns:
   wanda ``‖down_j‖ · ‖h_j‖₂`` with ``h`` the MLP's hidden activation.
 
 Unstructured and N:M weights stay dense with zeros (zeros survive later quantization: zero is
-exactly representable). ``exclude`` takes name patterns; ``sparsity`` counters record the zeros.
+exactly representable). ``exclude`` takes name patterns (structured too: an MLP is left whole when
+any of its three MatMuls or weights matches; heads refuse a partial exclude, since every layer keeps
+one head count); ``sparsity`` counters record the zeros.
 """
 
 from __future__ import annotations
@@ -227,6 +229,12 @@ class Prune(Pass):
         if not mlps:
             raise PruneError("prune{structured=ffn-channels}: no gated MLP (down(act(gate(x)) * up(x)) with constant "
                              "weights) found; run 'fuse' first, or the architecture's FFN is not supported")
+        kept = [m for m in mlps if not self._excluded(*(n for k in ("gate", "up", "down")
+                                                          for n in (m[k].name, m[k].inputs[1].name)))]
+        self.count("excluded", len(mlps) - len(kept))
+        mlps = kept
+        if not mlps:
+            return False
         hidden_norms = {}
         if self.options.method == "wanda":
             hidden_norms = self._activation_norms(model, [m["down"].inputs[0].name for m in mlps])
@@ -261,6 +269,16 @@ class Prune(Pass):
         if not sites:
             raise PruneError("prune{structured=heads}: no GroupQueryAttention with a packed QKV projection and a constant "
                              "output projection found; run 'fuse' (with pack_qkv) first")
+        kept = [s for s in sites if not self._excluded(*(n for k in ("gqa", "qkv", "out")
+                                                          for n in (s[k].name, *(v.name for v in s[k].inputs[1:2] if v))))]
+        if kept and len(kept) < len(sites):
+            raise PruneError(f"prune{{structured=heads}}: exclude matches {len(sites) - len(kept)} of {len(sites)} attention "
+                             "layers; every layer keeps one head count (the KV cache has one layout), so exclude all "
+                             "of them or none")
+        self.count("excluded", len(sites) - len(kept))
+        sites = kept
+        if not sites:
+            return False
         outs = [s["gqa"].outputs[0].name for s in sites]
         act = self._activation_norms(model, outs) if self.options.method == "wanda" else {}
         for site in sites:

@@ -156,3 +156,25 @@ def test_global_threshold_streams_and_matches_the_exact_quantile():
         k = int(rng.integers(0, every.size))
         # tiny bins and limit: many narrowing passes over the arrays
         assert kth_smallest(lambda: iter(arrays), k, bins=4, limit=7) == np.partition(every, k)[k]
+
+
+def test_structured_pruning_honours_exclude(exported):
+    from llmopt.passes.prune import _gated_mlps
+    from llmopt.registry import get_pass
+
+    model = _fused(exported)
+    feeds = [verify.sample_inputs(model, verify.default_shapes(True)[1], 3)]
+    first = _gated_mlps(model)[0]
+    width = first["gate"].inputs[1].const_value.shape[1]
+    p = get_pass("prune")(structured="ffn-channels", ratio=0.25, exclude=(first["gate"].name,))
+    assert p(model).modified
+    assert dict(p.counters) == {"excluded": 1, "mlps": 1, "channels_removed": width // 4}
+    assert first["gate"].inputs[1].const_value.shape[1] == width  # the excluded MLP keeps every channel
+    out = verify.run_ir_model(model, feeds)[0]["logits"]
+    assert out.shape[-1] == 512 and np.isfinite(out).all()
+    # heads: one head count for every layer (one KV-cache layout), so a partial exclude is refused
+    model = _fused(exported)
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    with pytest.raises(PruneError, match="exclude matches 1 of 2 attention layers"):
+        get_pass("prune")(structured="heads", ratio=0.5, exclude=(gqa.name,))(model)
+    assert not get_pass("prune")(structured="heads", ratio=0.5, exclude=("*",))(model).modified
