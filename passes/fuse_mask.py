@@ -2,8 +2,9 @@
 
 ``GroupQueryAttention`` replaces the graph's mask by per-row lengths: it attends causally over the
 tokens ``attention_mask`` keeps, and over the last ``local_window_size`` positions (the current
-one included; measured against transformers' Mistral at 40 tokens, window 12) when that attribute is set. A mask that says more than "causal + padding" must either map onto those
-attributes or keep attention unfused. onnxscript's GQA rule means to check this but never does
+one included; tests/test_foreign_exports.py checks it against transformers past a 12-token window)
+when that attribute is set. A mask that says more than "causal + padding" must either map onto
+those attributes or keep attention unfused. onnxscript's GQA rule means to check this but never does
 (it compares a failed ``MatchResult`` with ``None``), so a sliding-window mask fused to a full
 causal GroupQueryAttention: right on every sample shorter than the window, wrong after it.
 

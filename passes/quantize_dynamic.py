@@ -14,7 +14,7 @@
     output channel (or per tensor) and the activation quantized per tensor. Weights are
     on 7 bits (-63..63) by default (``reduce_range``): ONNX Runtime's u8 x s8 kernel on x86
     CPUs without VNNI adds pairs of products in int16 and saturates on full-range int8
-    weights (one logit off by 4 on a 64-wide test layer, measured on such a CPU).
+    weights (emulated in tests/test_quantize_dynamic.py: outputs move by several units).
 
   A following bias ``Add`` is folded into the kernel's bias input.
 - ``Gather(E, ids)`` on a constant float32 embedding table becomes a Gather of int8

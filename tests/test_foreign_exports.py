@@ -105,8 +105,8 @@ def test_optimum_export_fuses_like_llmopts_own(tmp_path):
 ])
 def test_masks_and_caps_fuse_into_gqa_attributes(tmp_path, arch, overrides, attrs):
     """What the samples are too short or too tame to show. A sliding-window mask becomes
-    GroupQueryAttention's ``local_window_size`` (onnxscript's rule dropped it: a Mistral with a
-    12-token window was right on short samples and off by 0.33 at 40 tokens); a logit soft cap
+    GroupQueryAttention's ``local_window_size`` (onnxscript's rule dropped it: right on short
+    samples, wrong past the window); a logit soft cap
     ``cap * tanh(s / cap)`` becomes ``softcap``. Exported with input_ids only, checked against
     transformers past the window, and cached decoding against full recomputation by the source."""
     import numpy as np

@@ -78,6 +78,43 @@ def test_matmul_with_bias_becomes_one_dynamic_quantize_matmul():
     assert verify.compare(ref, out).cosine > 0.9995
 
 
+def _u8s8_matmul(x, q, scale, saturate):
+    """ONNX Runtime's u8 x s8 kernel: the activation quantized to uint8 (DynamicQuantizeLinear),
+    products summed in pairs along K, accumulated in int32, scaled back. ``saturate``: each pair
+    clipped to int16 first, as VPMADDUBSW does on x86 CPUs without VNNI."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    xs = (hi - lo) / 255
+    zp = np.rint(-lo / xs)
+    xq = np.clip(np.rint(x / xs) + zp, 0, 255).astype(np.int64)
+    prod = xq[:, :, None] * q.astype(np.int64)[None]
+    pairs = prod[:, 0::2] + prod[:, 1::2]
+    pairs = np.clip(pairs, -32768, 32767) if saturate else pairs
+    return (pairs.sum(1) - zp * q.astype(np.int64).sum(0)) * xs * scale.reshape(-1)
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_dynamic_kernel_weights_do_not_saturate_cpus_without_vnni(reduce_range):
+    """The failure CI showed on a CPU without VNNI, emulated here: with full-range int8 weights the
+    int16 pair sums saturate and the layer's output moves by several units; with the default 7-bit
+    weights the saturating kernel gives the exact integer result."""
+    def build(g, x, ids, init):
+        mm = ir.node("MatMul", [x, init("w", (64, 128))])
+        g.extend([mm])
+        return [mm.outputs[0]]
+
+    model = _graph(build)
+    get_pass("quantize-dynamic")(kernel="dynamic", reduce_range=reduce_range)(model)
+    node = next(iter(model.graph))
+    q, scale = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
+    x = _feeds()["x"]
+    moved = np.abs(_u8s8_matmul(x, q, scale, saturate=True) - _u8s8_matmul(x, q, scale, saturate=False)).max()
+    if reduce_range:
+        assert np.abs(q).max() == 63 and moved == 0
+    else:
+        assert np.abs(q).max() == 127 and moved > 1.0  # what CI's machine computed
+
+
 def test_matmul_with_bias_becomes_matmul_nbits_8bit():
     def build(g, x, ids, init):
         mm = ir.node("MatMul", [x, init("w", (64, 128))])
