@@ -21,7 +21,7 @@ def machine() -> dict:
         info["isa"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     except (OSError, AttributeError):
         info["cpu"] = platform.processor()
-    from llmopt.machine import last_level_cache_bytes
+    from llmopt.ort.machine import last_level_cache_bytes
 
     llc = last_level_cache_bytes()
     info["last_level_cache_mib"] = round(llc / 2**20) if llc else None

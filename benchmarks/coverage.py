@@ -65,7 +65,7 @@ JSON_PATH = RESULTS / "coverage.json"
 
 
 def export_form(arch: str, form: str, hf: Path, work: Path) -> Path:
-    from llmopt.exporter import export
+    from llmopt.frontend.exporter import export
     from llmopt.models.architectures import export_input_ids_only, export_torchscript
 
     if form == "cache":
@@ -81,7 +81,7 @@ def export_form(arch: str, form: str, hf: Path, work: Path) -> Path:
     if form == "builder":
         import shutil
 
-        from llmopt.exporter import reference_model_dir
+        from llmopt.frontend.exporter import reference_model_dir
 
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # it saves one
             shutil.copy(reference_model_dir() / name, hf / name)
@@ -196,7 +196,7 @@ def _fused(art, rep: dict, layers: int) -> dict:
 
 def _greedy(src: Path, artifact: Path) -> dict:
     from llmopt.errors import LlmoptError
-    from llmopt.runtime import Generator, greedy_by_recompute
+    from llmopt.ort.generation import Generator, greedy_by_recompute
 
     prompt = [5, 17, 42, 8, 99, 3, 250, 61]
     try:

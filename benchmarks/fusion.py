@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt import ir as irx  # noqa: E402
-from llmopt import verify  # noqa: E402
-from llmopt.manager import run_pipeline  # noqa: E402
+from llmopt.core import model_io, graph_util  # noqa: E402
+from llmopt.ort import verify  # noqa: E402
+from llmopt.core.manager import run_pipeline  # noqa: E402
 from llmopt.models.architectures import ARCHITECTURES, config  # noqa: E402
 
 from _common import RESULTS, machine  # noqa: E402
@@ -44,7 +44,7 @@ GROUPS = {
 
 
 def export_arch(arch: str, layers: int, work: Path, with_past: bool) -> Path:
-    from llmopt.exporter import export
+    from llmopt.frontend.exporter import export
     from llmopt.models.architectures import build
 
     d = work / f"{arch}-{layers}"
@@ -65,7 +65,7 @@ def counts(model) -> dict:
 def llmopt_fuse(src: Path, dst: Path):
     m = llmopt.load(src)
     run_pipeline(m, "fold,cleanup,fuse,cleanup")
-    irx.save(m, dst)
+    model_io.save(m, dst)
     return m
 
 
@@ -74,7 +74,7 @@ def onnxscript_fuse(src: Path, dst: Path):
 
     m = llmopt.load(src)
     optimize_for_ort(m)
-    irx.save(m, dst)
+    model_io.save(m, dst)
     return m
 
 
@@ -103,7 +103,7 @@ def max_abs(src: Path, dst: Path) -> float:
 def speed(work: Path, pairs: int) -> dict:
     import subprocess
 
-    from llmopt.exporter import export
+    from llmopt.frontend.exporter import export
     from llmopt.models.architectures import build
 
     src = export(build("llama", work / "hf-llama50m", size="50m"), work / "llama50m.onnx", with_past=True)
@@ -116,14 +116,14 @@ def speed(work: Path, pairs: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--time", str(src), str(ort_dir / "model.onnx"), str(art.model_path),
                           str(silu.model_path), "--pairs", str(pairs)], capture_output=True, text=True, check=True)
     timings = json.loads(out.stdout.strip().splitlines()[-1])
-    nodes = {"export": irx.node_count(llmopt.load(src)), "onnxruntime": irx.node_count(llmopt.load(ort_dir / "model.onnx")),
+    nodes = {"export": graph_util.node_count(llmopt.load(src)), "onnxruntime": graph_util.node_count(llmopt.load(ort_dir / "model.onnx")),
              "llmopt": art.report["artifact"]["nodes"]}
     return {"timings": timings, "nodes": nodes, "verification": art.report["verification"]["figures"], "pairs": pairs}
 
 
 def time_models(src: str, ort_path: str, ours: str, silu: str, pairs: int) -> None:
     """Child process: llmopt's artifact against each other model, prefill and decode; prints JSON."""
-    from llmopt import timing
+    from llmopt.ort import timing
 
     model = llmopt.load(src)
     steps = {"prefill 128 tokens": verify.sample_inputs(model, verify.SampleShape(1, 128, 0), seed=7),

@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--interrupt", type=int, default=60)
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
-    from llmopt.exporter import export
+    from llmopt.frontend.exporter import export
     from llmopt.models.architectures import build
 
     RESULTS.mkdir(exist_ok=True)

@@ -28,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt.exporter import export, reference_model_dir  # noqa: E402
+from llmopt.frontend.exporter import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import ARCHITECTURES, build  # noqa: E402
-from llmopt.runtime import Generator, greedy_by_recompute  # noqa: E402
+from llmopt.ort.generation import Generator, greedy_by_recompute  # noqa: E402
 
 from _common import RESULTS, machine  # noqa: E402
 

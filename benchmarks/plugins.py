@@ -56,10 +56,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import llmopt
-    from llmopt import ir as irx
-    from llmopt.exporter import export
+    from llmopt.core import model_io, graph_util
+    from llmopt.frontend.exporter import export
     from llmopt.models.architectures import build
-    from llmopt.registry import register_pass
+    from llmopt.core.registry import register_pass
     from llmopt_example_plugin.rules import DropNanGuardPass
 
     register_pass(DropNanGuardPass)
@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmopt-plugins-") as tmp:
         work = Path(tmp)
         src = export(build("llama", work / "hf", size="50m"), work / "llama50m.onnx", with_past=True)
-        weights = irx.initializer_bytes(irx.load(src))
+        weights = graph_util.initializer_bytes(model_io.load(src))
         memory = {mode: [] for mode in ("load", "adapter", "read-all")}
         for _ in range(args.rounds):  # alternated, fresh processes
             for mode in memory:

@@ -18,7 +18,7 @@ import tempfile
 import onnxruntime as ort
 
 import llmopt
-from llmopt import timing, verify
+from llmopt.ort import timing, verify
 
 
 def profile(path: str, steps: int) -> dict[str, float]:

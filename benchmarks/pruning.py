@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt import perplexity as pplx, timing, verify  # noqa: E402
-from llmopt import ir as irx  # noqa: E402
-from llmopt.exporter import reference_model_dir  # noqa: E402
+from llmopt.ort import perplexity as pplx, timing, verify  # noqa: E402
+from llmopt.core import model_io, graph_util  # noqa: E402
+from llmopt.frontend.exporter import reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 
 from _common import RESULTS, machine  # noqa: E402
@@ -50,7 +50,7 @@ def reference(work: Path) -> dict:
         art = llmopt.compile(ref, target="cpu-fp32", passes=pipeline(prune), out=work / f"ref{i}", measure_speed=False,
                              verify_model=False, eval_tokens=256)
         ppl = pplx.perplexity(verify.make_session(art.model_path, threads=2), ids)
-        params = sum(p["count"] for p in irx.parameter_stats(llmopt.load(art.model_path)).values())
+        params = sum(p["count"] for p in graph_util.parameter_stats(llmopt.load(art.model_path)).values())
         rows[name] = {"perplexity": ppl["perplexity"], "parameters": params, "sparsity": art.report.get("sparsity")}
         print(name, round(ppl["perplexity"], 3), params, flush=True)
     base = rows["dense"]["perplexity"]
@@ -66,7 +66,7 @@ def structured_speed(work: Path, pairs: int) -> dict:
                             passes=pipeline("prune{structured=ffn-channels,ratio=0.25}"))
     res = subprocess.run([sys.executable, __file__, "--time", str(dense.model_path), str(pruned.model_path),
                           "--pairs", str(pairs)], capture_output=True, text=True, check=True)
-    count = lambda p: sum(s["count"] for s in irx.parameter_stats(llmopt.load(p)).values())  # noqa: E731
+    count = lambda p: sum(s["count"] for s in graph_util.parameter_stats(llmopt.load(p)).values())  # noqa: E731
     return {"dense_parameters": count(dense.model_path), "pruned_parameters": count(pruned.model_path),
             **json.loads(res.stdout.strip().splitlines()[-1]), "pairs": pairs}
 

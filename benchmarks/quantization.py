@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import llmopt  # noqa: E402
-from llmopt import calibration, perplexity as pplx, timing, verify  # noqa: E402
-from llmopt import ir as irx  # noqa: E402
-from llmopt.exporter import export, reference_model_dir  # noqa: E402
+from llmopt.ort import calibration, perplexity as pplx, timing, verify  # noqa: E402
+from llmopt.core import model_io, graph_util  # noqa: E402
+from llmopt.frontend.exporter import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 
 from _common import RESULTS, machine  # noqa: E402
@@ -55,7 +55,7 @@ def build_models(work: Path, hf: Path, tag: str, calib_source) -> dict[str, Path
     fp32 = llmopt.compile(hf, target="cpu-fp32", out=work / f"{tag}-fp32", measure_speed=False, eval_tokens=256)
     for name, (target, passes) in LLMOPT.items():
         if calib_source != "builtin":  # an untrained model without a tokenizer: calibrate on random ids
-            passes = (passes or llmopt.registry.get_target(target).pipeline).replace("qdq{", "qdq{calibration=random,")
+            passes = (passes or llmopt.core.registry.get_target(target).pipeline).replace("qdq{", "qdq{calibration=random,")
         t0 = time.perf_counter()
         art = llmopt.compile(hf, target=target, passes=passes, out=work / f"{tag}-{len(models)}", measure_speed=False,
                              verify_model=False, eval_tokens=256)
@@ -108,7 +108,7 @@ def qat_models(work: Path) -> dict[str, Path]:
     """QAT on the reference (200 steps through the int4 block-32 grid, builtin calibration text),
     compiled with round-to-nearest (the grid it trained on) and, hybrid, with GPTQ on top, or with
     statically calibrated int8 activations (qdq, as the static int8 row)."""
-    from llmopt import qat
+    from llmopt.frontend import qat
 
     log = qat.finetune(reference_model_dir(), work / "ref-qat", qat.QATSettings(steps=200, batch=8, lr=2e-5))
     print(f"qat: {log['seconds']}s, loss {log['first_loss']:.3f} -> {log['last_loss']:.3f}", flush=True)
@@ -124,7 +124,7 @@ def qat_models(work: Path) -> dict[str, Path]:
 
 
 def size(path: Path) -> int:
-    return irx.files_bytes(irx.model_files(path))
+    return model_io.files_bytes(model_io.model_files(path))
 
 
 def perplexities(models: dict[str, Path]) -> dict[str, float]:

@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt import perplexity as pplx, timing, verify  # noqa: E402
-from llmopt import ir as irx  # noqa: E402
-from llmopt.exporter import export, reference_model_dir  # noqa: E402
+from llmopt.ort import perplexity as pplx, timing, verify  # noqa: E402
+from llmopt.core import model_io, graph_util  # noqa: E402
+from llmopt.frontend.exporter import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 
 from _common import RESULTS, machine, peak_rss_of  # noqa: E402
@@ -38,13 +38,13 @@ def llama50m(work: Path, pairs: int) -> dict:
     art = llmopt.compile(src, target="cpu-int8", out=work / "llama50m-int8", measure_speed=False)
     fp32 = llmopt.compile(src, target="cpu-fp32", out=work / "llama50m-fp32", measure_speed=False)
     model = llmopt.load(src)
-    params = sum(p["count"] for p in irx.parameter_stats(model).values())
+    params = sum(p["count"] for p in graph_util.parameter_stats(model).values())
     # Time in a fresh process that holds only ONNX Runtime sessions (no torch, no export leftovers).
     out = subprocess.run([sys.executable, __file__, "--time", str(src), str(art.model_path), str(fp32.model_path),
                           "--pairs", str(pairs)], capture_output=True, text=True, check=True)
     lat, lat32 = json.loads(out.stdout.strip().splitlines()[-1])
     inspect_runs = [peak_rss_of([sys.executable, "-m", "llmopt", "inspect", str(src)]) for _ in range(5)]
-    weights = irx.initializer_bytes(model)
+    weights = graph_util.initializer_bytes(model)
     return {
         "parameters": params,
         "source_bytes": art.report["source"]["bytes"],

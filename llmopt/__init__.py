@@ -11,7 +11,7 @@ Public API (results are objects; nothing is printed)::
     llmopt.inspect_model("model.onnx")
 
 Writing passes (docs/writing-passes.md): ``llmopt.Pass``, ``llmopt.option``,
-``llmopt.register_pass``, ``llmopt.load_plugin``, and ``llmopt.rules`` for pattern rules.
+``llmopt.register_pass``, ``llmopt.load_plugin``, and ``llmopt.core.rules`` for pattern rules.
 """
 
 from llmopt.errors import (
@@ -52,21 +52,21 @@ __all__ = [
 ]
 
 _LAZY = {  # name -> (module, attribute): `import llmopt` stays cheap and torch-free
-    "compile": ("llmopt.compiler", "compile"),
-    "Artifact": ("llmopt.compiler", "Artifact"),
-    "export": ("llmopt.exporter", "export"),
-    "inspect_model": ("llmopt.inspector", "inspect_model"),
-    "load": ("llmopt.ir", "load"),
-    "run_pipeline": ("llmopt.manager", "run_pipeline"),
+    "compile": ("llmopt.compiler.driver", "compile"),
+    "Artifact": ("llmopt.compiler.driver", "Artifact"),
+    "export": ("llmopt.frontend.exporter", "export"),
+    "inspect_model": ("llmopt.frontend.inspector", "inspect_model"),
+    "load": ("llmopt.core.model_io", "load"),
+    "run_pipeline": ("llmopt.core.manager", "run_pipeline"),
     "evaluate": ("llmopt.api", "evaluate"),
     "benchmark": ("llmopt.api", "benchmark"),
     "EvalResult": ("llmopt.api", "EvalResult"),
     "BenchResult": ("llmopt.api", "BenchResult"),
-    "GateError": ("llmopt.gates", "GateError"),
-    "Pass": ("llmopt.pass_base", "Pass"),
-    "option": ("llmopt.pass_base", "option"),
-    "register_pass": ("llmopt.registry", "register_pass"),
-    "load_plugin": ("llmopt.plugins", "load_plugin_file"),
+    "GateError": ("llmopt.compiler.gates", "GateError"),
+    "Pass": ("llmopt.core.pass_base", "Pass"),
+    "option": ("llmopt.core.pass_base", "option"),
+    "register_pass": ("llmopt.core.registry", "register_pass"),
+    "load_plugin": ("llmopt.core.plugins", "load_plugin_file"),
 }
 
 

@@ -1,3 +1,3 @@
-from llmopt.cli import main
+from llmopt.cli.app import main
 
 main()

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from llmopt import ir as irx
+from llmopt.core import model_io, graph_util
 from llmopt.errors import InputError
 
 EVAL_SCHEMA = "llmopt/eval-report/v1"
@@ -87,20 +87,20 @@ def evaluate(
     names a directory with one. With ``baseline`` (e.g. the source model), both run on the same
     tokens; ``max_ppl_increase`` (a fraction) then gates the change: see ``EvalResult.passed``.
     """
-    from llmopt import perplexity as pplx
-    from llmopt import verify
-    from llmopt.gates import Gates
+    from llmopt.ort import perplexity as pplx
+    from llmopt.ort import verify
+    from llmopt.compiler.gates import Gates
 
     gates = Gates(max_ppl_increase=max_ppl_increase)
     if gates and baseline is None:
         raise InputError("--max-ppl-increase needs --baseline MODEL to compare against")
-    model_file = irx.resolve_model_file(model)
+    model_file = model_io.resolve_model_file(model)
     tok_dir = Path(tokenizer) if tokenizer is not None else _tokenizer_dir(model_file, baseline)
     ids = pplx.tokenize_file(pplx.load_tokenizer(tok_dir), text, tokens)
     ppl = pplx.perplexity(verify.make_session(model_file, _providers(model_file), threads=threads), ids, window=window)
     base_ppl = None
     if baseline is not None:
-        base_file = irx.resolve_model_file(baseline)
+        base_file = model_io.resolve_model_file(baseline)
         base_ppl = pplx.perplexity(verify.make_session(base_file, _providers(base_file), threads=threads), ids,
                                    window=window)["perplexity"]
     result = EvalResult(str(model), str(text), ppl["tokens"], window, ppl["perplexity"],
@@ -112,7 +112,7 @@ def evaluate(
 
 
 def _tokenizer_dir(model_file: Path, baseline) -> Path:
-    for d in [model_file.parent] + ([irx.resolve_model_file(baseline).parent] if baseline is not None else []):
+    for d in [model_file.parent] + ([model_io.resolve_model_file(baseline).parent] if baseline is not None else []):
         if (d / "tokenizer.json").is_file():
             return d
     raise InputError(f"{model_file.parent}: no tokenizer.json next to the model; give --tokenizer DIR")
@@ -120,7 +120,7 @@ def _tokenizer_dir(model_file: Path, baseline) -> Path:
 
 def _providers(model_file: Path) -> tuple[str, ...]:
     """The providers an artifact is verified on (a CUDA artifact's graph also runs on CPU)."""
-    from llmopt.compiler import MANIFEST, Artifact
+    from llmopt.compiler.driver import MANIFEST, Artifact
 
     if (model_file.parent / MANIFEST).is_file():
         return tuple(Artifact.open(model_file.parent).report["target"].get("verify_providers") or ("CPUExecutionProvider",))
@@ -165,8 +165,8 @@ def benchmark(
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Load time, prefill/decode tokens/s, step latency, KV-cache bytes, roofline — as ``llmopt bench``."""
-    from llmopt.bench import BenchSettings
-    from llmopt.bench import benchmark as run
+    from llmopt.ort.bench import BenchSettings
+    from llmopt.ort.bench import benchmark as run
 
     settings = BenchSettings(prompt_len=prompt_len, new_tokens=new_tokens, batches=tuple(batches),
                              repeats=repeats, threads=threads)

@@ -1,4 +1,4 @@
 """Built-in llmopt passes, one module per pass (or pass family).
 
-Importing a module registers its passes; ``llmopt.registry`` imports them all.
+Importing a module registers its passes; ``llmopt.core.registry`` imports them all.
 """

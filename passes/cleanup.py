@@ -13,9 +13,9 @@ import dataclasses
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from llmopt import ir as irx
-from llmopt.pass_base import Pass, option
-from llmopt.registry import register_pass
+from llmopt.core import model_io, graph_util
+from llmopt.core.pass_base import Pass, option
+from llmopt.core.registry import register_pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +45,15 @@ class Cleanup(Pass):
         ]
         if o.shape_inference:
             steps.append(("shape_inference", common.ShapeInferencePass()))
-        nodes0 = irx.node_count(model)
+        nodes0 = graph_util.node_count(model)
         inits0 = len(model.graph.initializers)
         modified = False
         for key, step in steps:
-            before = irx.node_count(model)
+            before = graph_util.node_count(model)
             changed = step(model).modified
             modified |= changed
             if key != "shape_inference":
-                removed = before - irx.node_count(model)
+                removed = before - graph_util.node_count(model)
                 if removed:
                     self.count(f"nodes_removed.{key}", removed)
             elif changed:
@@ -61,6 +61,6 @@ class Cleanup(Pass):
         if common.TopologicalSortPass()(model).modified:
             modified = True
             self.count("reordered")
-        self.count("nodes_removed", nodes0 - irx.node_count(model))
+        self.count("nodes_removed", nodes0 - graph_util.node_count(model))
         self.count("initializers_removed", inits0 - len(model.graph.initializers))
         return modified

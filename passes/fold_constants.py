@@ -14,9 +14,9 @@ from collections import Counter
 import onnx_ir as ir
 from onnxscript.optimizer import fold_constants
 
-from llmopt import ir as irx
-from llmopt.pass_base import Pass, option
-from llmopt.registry import register_pass
+from llmopt.core import model_io, graph_util
+from llmopt.core.pass_base import Pass, option
+from llmopt.core.registry import register_pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +37,14 @@ class FoldConstants(Pass):
     Options = FoldOptions
 
     def run(self, model: ir.Model) -> bool:
-        before = Counter(irx.op_histogram(model))
+        before = Counter(graph_util.op_histogram(model))
         result = fold_constants(
             model,
             onnx_shape_inference=self.options.shape_inference,
             input_size_limit=self.options.input_size_limit,
             output_size_limit=self.options.output_size_limit,
         )
-        after = Counter(irx.op_histogram(model))
+        after = Counter(graph_util.op_histogram(model))
         for op, n in (before - after).items():
             self.count(f"folded.{op}", n)
         return result.modified

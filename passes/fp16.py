@@ -15,8 +15,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.pass_base import Pass, option
-from llmopt.registry import register_pass
+from llmopt.core.pass_base import Pass, option
+from llmopt.core.registry import register_pass
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 

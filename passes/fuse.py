@@ -83,9 +83,9 @@ from onnxscript.rewriter.ort_fusions import (
 )
 
 from llmopt.errors import first_line
-from llmopt.pass_base import Pass, option
-from llmopt.registry import register_pass
-from llmopt.rules import explain_rules
+from llmopt.core.pass_base import Pass, option
+from llmopt.core.registry import register_pass
+from llmopt.core.rules import explain_rules
 from llmopt.passes import fuse_canonical as canon
 from llmopt.passes import fuse_rules as ours
 from llmopt.passes.fuse_guard import NumericGuard

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from llmopt import ir as irx
+from llmopt.core import model_io, graph_util
 
 
 def _const(v: ir.Value | None) -> np.ndarray | None:
@@ -175,7 +175,7 @@ def static_dims(model: ir.Model) -> int:
         const = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(x.shape[i], dtype=np.int64))},
                         name=f"{node.name}_static")
         model.graph.insert_before(node, const)
-        irx.replace_value(node.outputs[0], const.outputs[0])
+        graph_util.replace_value(node.outputs[0], const.outputs[0])
         n += 1
     return n
 
@@ -296,7 +296,7 @@ def expand_shape(model: ir.Model) -> int:
             pieces.append(piece)
         new = ir.node("Concat", pieces, attributes={"axis": 0}, name=f"{node.name}_shape")
         model.graph.insert_before(node, new)
-        irx.replace_value(node.outputs[0], new.outputs[0])
+        graph_util.replace_value(node.outputs[0], new.outputs[0])
         model.graph.remove(node, safe=True)
         n += 1
     return n

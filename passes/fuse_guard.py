@@ -18,7 +18,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from llmopt import verify
+from llmopt.ort import verify
 from llmopt.errors import first_line
 
 TOLERANCE = {ir.DataType.FLOAT: 1e-4, ir.DataType.FLOAT16: 1e-2, ir.DataType.BFLOAT16: 5e-2}

@@ -36,7 +36,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import gqa, sdpa
 
-from llmopt import ir as irx
+from llmopt.core import model_io, graph_util
 from llmopt.passes import fuse_mask
 
 MS = "com.microsoft"
@@ -76,7 +76,7 @@ def gemm_to_matmul(model: ir.Model) -> int:
         old = node.outputs[0]
         result.shape, result.type = old.shape, old.type
         graph.insert_before(node, new_nodes)
-        irx.replace_value(old, result)
+        graph_util.replace_value(old, result)
         graph.remove(node, safe=True)
         n += 1
     return n

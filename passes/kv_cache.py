@@ -27,10 +27,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from llmopt import ir as irx
+from llmopt.core import model_io, graph_util
 from llmopt.errors import LlmoptError
-from llmopt.pass_base import Pass, option
-from llmopt.registry import register_pass
+from llmopt.core.pass_base import Pass, option
+from llmopt.core.registry import register_pass
 
 MS = "com.microsoft"
 METADATA_KEY = "llmopt.kv_cache"
@@ -122,7 +122,7 @@ class KVCache(Pass):
         kv_heads = head_dim = None
         for value, (layer, kind) in pasts.items():
             shape = value.shape
-            dims = irx.cache_dims(value)  # the genai builder leaves head_size symbolic: from the attention
+            dims = graph_util.cache_dims(value)  # the genai builder leaves head_size symbolic: from the attention
             if shape is not None and len(shape) == 4 and dims is not None and not isinstance(shape[3], int):
                 value.shape = shape = ir.Shape([shape[0], dims[0], shape[2], dims[1]])
             if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
@@ -166,7 +166,7 @@ class KVCache(Pass):
             kv_heads = node.attributes["kv_num_heads"].as_int()
             heads = node.attributes["num_heads"].as_int()
             q = node.inputs[0]
-            head_dim = irx.gqa_head_dim(node)
+            head_dim = graph_util.gqa_head_dim(node)
             if head_dim is None:
                 raise KVCacheError(f"kv-cache: the width of {node.name}'s query is unknown; run 'cleanup' (shape inference) first")
             dtype = q.dtype or _float_dtype(graph)  # a contrib op's output (e.g. q-norm) may carry no type
@@ -222,7 +222,7 @@ class KVCache(Pass):
                     continue
                 if id(value) not in done:
                     table = _evaluate_table(value, self.options.max_length)
-                    done[id(value)] = irx.add_initializer(model.graph, f"{value.name}_table_{self.options.max_length}", table)
+                    done[id(value)] = graph_util.add_initializer(model.graph, f"{value.name}_table_{self.options.max_length}", table)
                     n += 1
                 node.replace_input_with(slot, done[id(value)])
         return n

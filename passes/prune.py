@@ -36,9 +36,9 @@ import numpy as np
 import onnx_ir as ir
 
 from llmopt.errors import LlmoptError
-from llmopt import ir as irx
-from llmopt.pass_base import Pass, option
-from llmopt.registry import register_pass
+from llmopt.core import model_io, graph_util
+from llmopt.core.pass_base import Pass, option
+from llmopt.core.registry import register_pass
 
 SPARSITY_KEY = "llmopt.sparsity"  # per-tensor sparsity, JSON in the model's metadata
 
@@ -149,12 +149,12 @@ class Prune(Pass):
             else:
                 mask = self._mask(score, threshold)
             pruned = np.where(mask, arr, 0).astype(w.const_value.numpy().dtype)
-            new = irx.add_initializer(model.graph, f"{w.name}_pruned", pruned)
+            new = graph_util.add_initializer(model.graph, f"{w.name}_pruned", pruned)
             node.replace_input_with(1, new)
             report[new.name] = round(float(1 - mask.mean()), 6)
             self.count("tensors")
             self.count("zeros", int((~mask).sum()))
-        irx.drop_unused_initializers(model.graph)
+        graph_util.drop_unused_initializers(model.graph)
         model.metadata_props[SPARSITY_KEY] = json.dumps(report, sort_keys=True)
         return True
 
@@ -176,7 +176,7 @@ class Prune(Pass):
         return out
 
     def _activation_norms(self, model: ir.Model, names: list[str]) -> dict[str, np.ndarray]:
-        from llmopt import calibration
+        from llmopt.ort import calibration
 
         batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
         obs = calibration.collect(model, names, batches, lambda _: [calibration.ChannelStats()])
@@ -251,13 +251,13 @@ class Prune(Pass):
                 node = m[key]
                 old = node.inputs[1]
                 sliced = np.take(arr, keep, axis=axis).astype(old.const_value.numpy().dtype)
-                node.replace_input_with(1, irx.add_initializer(model.graph, f"{old.name}_ffn{len(keep)}", sliced))
+                node.replace_input_with(1, graph_util.add_initializer(model.graph, f"{old.name}_ffn{len(keep)}", sliced))
             for v in m["hidden_values"]:  # the shapes downstream of gate/up now end in len(keep)
                 if v.shape is not None and v.shape[-1] == width:
                     v.shape = ir.Shape([*list(v.shape)[:-1], len(keep)])
             self.count("mlps")
             self.count("channels_removed", width - len(keep))
-        irx.drop_unused_initializers(model.graph)
+        graph_util.drop_unused_initializers(model.graph)
         return True
 
 
@@ -325,7 +325,7 @@ class Prune(Pass):
             self.count("attention_layers")
             self.count("kv_heads_removed", hkv - len(keep_kv))
             self.count("query_heads_removed", h - len(keep_q))
-        irx.drop_unused_initializers(model.graph)
+        graph_util.drop_unused_initializers(model.graph)
         if "llmopt.kv_cache" in model.metadata_props:
             layout = json.loads(model.metadata_props["llmopt.kv_cache"])
             layout["kv_heads"] = len(keep_kv)
@@ -335,7 +335,7 @@ class Prune(Pass):
     def _replace(self, model: ir.Model, node: ir.Node, slot: int, array: np.ndarray, tag: str) -> None:
         old = node.inputs[slot]
         name = f"{old.name}_{tag}{array.shape[-1] if array.ndim == 1 else array.shape[0]}x"
-        node.replace_input_with(slot, irx.add_initializer(model.graph, name, array))
+        node.replace_input_with(slot, graph_util.add_initializer(model.graph, name, array))
 
 
 def _attention_site(node: ir.Node) -> dict | None:

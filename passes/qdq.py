@@ -25,9 +25,9 @@ import numpy as np
 import onnx_ir as ir
 
 from llmopt.passes.quantize_dynamic import QuantizeDynamic, dense_error, is_matmul
-from llmopt.pass_base import option
-from llmopt.quant_spec import CALIBRATION_METHODS, QuantSpec
-from llmopt.registry import register_pass
+from llmopt.core.pass_base import option
+from llmopt.quant.spec import CALIBRATION_METHODS, QuantSpec
+from llmopt.core.registry import register_pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ class QDQ(QuantizeDynamic):
 
     def run(self, model: ir.Model) -> bool:
 
-        from llmopt import calibration
+        from llmopt.ort import calibration
 
         inputs = sorted({n.inputs[0].name for n in model.graph if is_matmul(n) and n.inputs[0] is not None
                          and self._constant_weight(n.inputs[1]) and not self._excluded(n.name)})

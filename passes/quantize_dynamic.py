@@ -54,10 +54,10 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from llmopt import ir as irx
-from llmopt.pass_base import Pass, option
-from llmopt.quant_spec import QUANT_ERROR_KEY
-from llmopt.registry import register_pass
+from llmopt.core import model_io, graph_util
+from llmopt.core.pass_base import Pass, option
+from llmopt.quant.spec import QUANT_ERROR_KEY
+from llmopt.core.registry import register_pass
 
 MS_DOMAIN = "com.microsoft"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -350,7 +350,7 @@ class QuantizeDynamic(Pass):
         new.outputs[0].shape, new.outputs[0].type = final_out.shape, final_out.type
         self._graph.insert_before(node, lowered)
         replaced = [node] + ([consumer_add] if consumer_add is not None else [])
-        irx.replace_value(final_out, new.outputs[0])
+        graph_util.replace_value(final_out, new.outputs[0])
         for n in reversed(replaced):
             self._graph.remove(n, safe=True)
         self.count("matmul")
@@ -423,7 +423,7 @@ class QuantizeDynamic(Pass):
         mul = ir.node("Mul", [cast.outputs[0], g_s.outputs[0]], name=f"{node.name}_dequant")
         mul.outputs[0].shape, mul.outputs[0].type = out.shape, out.type
         self._graph.insert_before(node, [g_q, cast, g_s, mul])
-        irx.replace_value(out, mul.outputs[0])
+        graph_util.replace_value(out, mul.outputs[0])
         self._graph.remove(node, safe=True)
         self.count("gather")
         return True
@@ -433,7 +433,7 @@ class QuantizeDynamic(Pass):
         for node in list(self._graph):
             if node.op_type == "Transpose" and all(not o.uses() and not o.is_graph_output() for o in node.outputs):
                 self._graph.remove(node, safe=True)
-        irx.drop_unused_initializers(self._graph)
+        graph_util.drop_unused_initializers(self._graph)
 
 def _all_values(graph: ir.Graph):
     yield from graph.inputs

@@ -21,9 +21,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from llmopt import ir as irx
-from llmopt.pass_base import Pass, option
-from llmopt.registry import register_pass
+from llmopt.core import model_io, graph_util
+from llmopt.core.pass_base import Pass, option
+from llmopt.core.registry import register_pass
 
 NORMS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization", "SkipLayerNormalization"}
 
@@ -59,7 +59,7 @@ class SmoothQuant(Pass):
     Options = SmoothQuantOptions
 
     def run(self, model: ir.Model) -> bool:
-        from llmopt import calibration
+        from llmopt.ort import calibration
 
         sites = []
         for node in model.graph:
@@ -87,11 +87,11 @@ class SmoothQuant(Pass):
             s = (x_max ** a / w_max ** (1 - a)).astype(np.float32)
             gamma = node.inputs[g]
             new_gamma = (gamma.const_value.numpy().astype(np.float32) / s).astype(gamma.const_value.numpy().dtype)
-            node.replace_input_with(g, irx.add_initializer(model.graph, f"{gamma.name}_smoothed", new_gamma))
+            node.replace_input_with(g, graph_util.add_initializer(model.graph, f"{gamma.name}_smoothed", new_gamma))
             for user, w in zip(users, weights):
                 scaled = (w.const_value.numpy().astype(np.float32) * s[:, None]).astype(w.const_value.numpy().dtype)
-                user.replace_input_with(1, irx.add_initializer(model.graph, f"{w.name}_smoothed", scaled))
+                user.replace_input_with(1, graph_util.add_initializer(model.graph, f"{w.name}_smoothed", scaled))
             self.count("norms")
             self.count("matmuls", len(users))
-        irx.drop_unused_initializers(model.graph)
+        graph_util.drop_unused_initializers(model.graph)
         return True

@@ -51,11 +51,11 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from llmopt import ir as irx
+from llmopt.core import model_io, graph_util
 from llmopt.passes.quantize_dynamic import MS_DOMAIN, QuantizeDynamic, block_error, blocks, is_matmul
-from llmopt.pass_base import option
-from llmopt.quant_spec import QuantSpec
-from llmopt.registry import register_pass
+from llmopt.core.pass_base import option
+from llmopt.quant.spec import QuantSpec
+from llmopt.core.registry import register_pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ class WeightOnly(QuantizeDynamic):
 
     def _calibrate(self, model: ir.Model) -> None:
 
-        from llmopt import calibration
+        from llmopt.ort import calibration
 
         inputs = sorted({n.inputs[0].name for n in model.graph if is_matmul(n)
                          and n.inputs[0] is not None and self._constant_weight(n.inputs[1])})
@@ -204,7 +204,7 @@ class WeightOnly(QuantizeDynamic):
             self.count("gather_shared")
         new[-1].outputs[0].shape, new[-1].outputs[0].type = out.shape, out.type
         self._graph.insert_before(node, new)
-        irx.replace_value(out, new[-1].outputs[0])
+        graph_util.replace_value(out, new[-1].outputs[0])
         self._graph.remove(node, safe=True)
         self.count("gather")
         return True

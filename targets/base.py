@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from llmopt.pipeline import Pipeline, parse
-from llmopt.verify import Thresholds
+from llmopt.core.pipeline import Pipeline, parse
+from llmopt.ort.verify import Thresholds
 
 ARTIFACT_FILES = ("model.onnx", "model.onnx.data", "llmopt.json")
 

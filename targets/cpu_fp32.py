@@ -1,8 +1,8 @@
 """`cpu-fp32`: optimize only; numerics must match the source to float rounding."""
 
-from llmopt.registry import register_target
+from llmopt.core.registry import register_target
 from llmopt.targets.base import Target
-from llmopt.verify import Thresholds
+from llmopt.ort.verify import Thresholds
 
 CPU_FP32 = register_target(
     Target(

@@ -1,8 +1,8 @@
 """`cpu-int4`: 4-bit blockwise weights (MatMulNBits, block 32, int8 compute), ONNX Runtime CPU."""
 
-from llmopt.registry import register_target
+from llmopt.core.registry import register_target
 from llmopt.targets.base import Target
-from llmopt.verify import Thresholds
+from llmopt.ort.verify import Thresholds
 
 CPU_INT4 = register_target(
     Target(

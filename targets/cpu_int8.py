@@ -1,8 +1,8 @@
 """`cpu-int8`: int8 weights with dynamic int8 activations (ONNX Runtime CPU)."""
 
-from llmopt.registry import register_target
+from llmopt.core.registry import register_target
 from llmopt.targets.base import Target
-from llmopt.verify import Thresholds
+from llmopt.ort.verify import Thresholds
 
 CPU_INT8 = register_target(
     Target(

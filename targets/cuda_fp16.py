@@ -2,10 +2,10 @@
 execution provider. Verified on the CPU provider here; every op must be one the CUDA provider
 implements."""
 
-from llmopt.registry import register_target
+from llmopt.core.registry import register_target
 from llmopt.targets.base import Target
 from llmopt.targets.cuda_ops import CUDA_OPS
-from llmopt.verify import Thresholds
+from llmopt.ort.verify import Thresholds
 
 CUDA_FP16 = register_target(
     Target(

@@ -2,10 +2,10 @@
 CUDA and TensorRT execution providers consume it. Verified on the CPU provider here, with the QDQ
 graph computed as written (verify.QDQ_AS_WRITTEN); every op must be one the CUDA provider implements."""
 
-from llmopt.registry import register_target
+from llmopt.core.registry import register_target
 from llmopt.targets.base import Target
 from llmopt.targets.cuda_ops import CUDA_OPS
-from llmopt.verify import QDQ_AS_WRITTEN, Thresholds
+from llmopt.ort.verify import QDQ_AS_WRITTEN, Thresholds
 
 CUDA_INT8 = register_target(
     Target(

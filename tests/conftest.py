@@ -44,7 +44,7 @@ def hf_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(hf_dirs, tmp_path_factory):
     """(arch, with_past) -> exported .onnx path (exported lazily, once)."""
-    from llmopt.exporter import export
+    from llmopt.frontend.exporter import export
 
     root = tmp_path_factory.mktemp("onnx")
     cache: dict[tuple[str, bool], Path] = {}

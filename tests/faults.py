@@ -118,7 +118,7 @@ def run_forked(argv: list[str], cwd: Path, timeout: float = 300) -> tuple[int, s
             os.dup2(devnull, 1)
             sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), write_through=True)
             sys.stdout = open(os.devnull, "w")
-            from llmopt.cli import main
+            from llmopt.cli.app import main
 
             main(argv)
             code = 0
@@ -494,7 +494,7 @@ def interrupted_cases(base: Path, root: Path, n: int, rng: random.Random) -> lis
         else:  # SIGKILL cannot: the next run that writes there sweeps
             left = leftovers(root, proc.pid)
             if left:
-                from llmopt import atomic
+                from llmopt.core import atomic
 
                 atomic.sweep(out), atomic.sweep(report), atomic.sweep_work_dirs()
                 o.partial_output |= bool(leftovers(root, proc.pid))
@@ -537,9 +537,9 @@ def _preload() -> None:
     """Import what every case imports, once, before forking (children start warm, and no thread yet)."""
     import onnxruntime  # noqa: F401
 
-    import llmopt.cli  # noqa: F401
-    import llmopt.compiler  # noqa: F401
-    from llmopt.registry import all_passes, all_targets
+    import llmopt.cli.app  # noqa: F401
+    import llmopt.compiler.driver  # noqa: F401
+    from llmopt.core.registry import all_passes, all_targets
 
     all_passes(), all_targets()
 

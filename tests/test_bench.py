@@ -7,7 +7,7 @@ import resource
 import pytest
 
 import llmopt
-from llmopt.bench import BenchSettings, benchmark
+from llmopt.ort.bench import BenchSettings, benchmark
 
 from test_cli import assert_clean_error, llmopt_cli
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt import calibration as cal
+from llmopt.ort import calibration as cal
 from llmopt.errors import InputError
 
 
@@ -50,7 +50,7 @@ def test_collect_reads_intermediate_values_without_changing_the_model(exported):
 
 
 def test_token_batch_sources():
-    from llmopt.exporter import reference_model_dir
+    from llmopt.frontend.exporter import reference_model_dir
 
     ref = reference_model_dir()
     b = cal.token_batches("builtin", ref, seq_len=64, samples=4, vocab=4096)

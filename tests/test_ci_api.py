@@ -12,7 +12,7 @@ import pytest
 
 import llmopt
 from llmopt.api import schema as llmopt_schema
-from llmopt.exporter import reference_model_dir
+from llmopt.frontend.exporter import reference_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TEXT = reference_model_dir() / "eval.txt"

@@ -2,8 +2,8 @@ import numpy as np
 import onnx_ir as ir
 
 import llmopt
-from llmopt import verify
-from llmopt.registry import get_pass
+from llmopt.ort import verify
+from llmopt.core.registry import get_pass
 
 
 def _model():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from llmopt import ir as irx
+from llmopt.core import model_io, graph_util
 
 
 def llmopt_cli(*args, cwd=None):
@@ -28,7 +28,7 @@ def model_copy(exported, tmp_path):
     src = exported("llama", True)
     dst = tmp_path / "src"
     dst.mkdir()
-    for f in irx.model_files(src):
+    for f in model_io.model_files(src):
         shutil.copy(f, dst / f.name)
     return dst / src.name
 
@@ -64,7 +64,7 @@ def test_truncated_or_missing_external_data(tmp_path, model_copy):
 
 
 def test_bad_pipeline_target_and_options(tmp_path, model_copy):
-    before = irx.sha256_files(irx.model_files(model_copy))
+    before = model_io.sha256_files(model_io.model_files(model_copy))
     out = tmp_path / "out"
     cases = [
         (["--target", "gpu-int3"], "unknown target 'gpu-int3'"),
@@ -80,7 +80,7 @@ def test_bad_pipeline_target_and_options(tmp_path, model_copy):
     for extra, needle in cases:
         assert_clean_error(llmopt_cli("compile", model_copy, "-o", out, *extra), 2, needle)
         assert not out.exists()
-    assert irx.sha256_files(irx.model_files(model_copy)) == before
+    assert model_io.sha256_files(model_io.model_files(model_copy)) == before
 
 
 def test_output_that_is_not_an_artifact_is_refused(tmp_path, model_copy):
@@ -97,7 +97,7 @@ def test_output_that_is_not_an_artifact_is_refused(tmp_path, model_copy):
 
 
 def test_compile_json_report_and_budget_failure(tmp_path, model_copy):
-    before = irx.sha256_files(irx.model_files(model_copy))
+    before = model_io.sha256_files(model_io.model_files(model_copy))
     res = llmopt_cli("compile", model_copy, "-o", tmp_path / "ok", "--json", "--no-speed", "--verify-each")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
@@ -108,7 +108,7 @@ def test_compile_json_report_and_budget_failure(tmp_path, model_copy):
     assert_clean_error(res, 1, "misses the cpu-int8 accuracy budget", "max-abs error")
     assert not (tmp_path / "strict").exists()
     assert json.loads((tmp_path / "r.json").read_text())["verification"]["passed"] is False
-    assert irx.sha256_files(irx.model_files(model_copy)) == before
+    assert model_io.sha256_files(model_io.model_files(model_copy)) == before
 
 
 def test_summary_passes_targets_inspect(tmp_path, model_copy):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from llmopt.compare import compare_artifacts, compare_reports, format_compare
-from llmopt.compiler import compile
+from llmopt.reporting.compare import compare_artifacts, compare_reports, format_compare
+from llmopt.compiler.driver import compile
 from llmopt.errors import InputError
 
 

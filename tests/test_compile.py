@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt import ir as irx
-from llmopt import verify
+from llmopt.core import model_io, graph_util
+from llmopt.ort import verify
 from llmopt.errors import VerificationError
 from llmopt.models.architectures import ARCHITECTURES
 
 
 def _hash(path):
-    return irx.sha256_files(irx.model_files(path))
+    return model_io.sha256_files(model_io.model_files(path))
 
 
 @pytest.mark.parametrize("with_past", [False, True], ids=["no-past", "past"])
@@ -55,7 +55,7 @@ def test_cpu_int8_every_architecture(exported, tmp_path, arch, with_past):
 
 
 def test_cpu_fp32_is_exact(exported, tmp_path):
-    from llmopt.inspector import inspect_model
+    from llmopt.frontend.inspector import inspect_model
 
     src = exported("mistral", True)
     art = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "a", measure_speed=False)
@@ -129,7 +129,7 @@ def test_input_ids_only_export_compiles_with_defaults(exported_ids_only, tmp_pat
     assert plain.report["verification"]["figures"]["max_abs"] < 1e-4
     assert "gqa_seqlens_k_from_shape" in {n.name for n in llmopt.load(plain.model_path).graph}
     # and the cached artifact generates what full recomputation of the source generates
-    from llmopt.runtime import Generator, greedy_by_recompute
+    from llmopt.ort.generation import Generator, greedy_by_recompute
 
     prompt = [5, 9, 14, 3]
     fp32 = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "fp32", measure_speed=False)

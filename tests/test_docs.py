@@ -26,7 +26,7 @@ def _blocks(path):
 
 def _readme_inputs(where: Path) -> None:
     """What README's commands name: a Hugging Face model directory, an eval text, a recipe, a plugin."""
-    from llmopt.exporter import reference_model_dir
+    from llmopt.frontend.exporter import reference_model_dir
 
     shutil.copytree(reference_model_dir(), where / "path" / "to" / "hf-model-dir")
     shutil.copy(reference_model_dir() / "eval.txt", where / "eval.txt")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import llmopt
-from llmopt import verify
+from llmopt.ort import verify
 from llmopt.errors import InputError, OutputError
-from llmopt.exporter import export, load_hf_model
+from llmopt.frontend.exporter import export, load_hf_model
 from llmopt.models.architectures import ARCHITECTURES
 
 
@@ -67,7 +67,7 @@ def test_kv_geometry_of_multi_query_models(kw, kv_heads):
     the exported past inputs must match what its attention caches, or torch.export refuses them."""
     from transformers import AutoConfig
 
-    from llmopt.exporter import kv_geometry
+    from llmopt.frontend.exporter import kv_geometry
 
     cfg = AutoConfig.for_model("falcon", hidden_size=64, num_attention_heads=4, num_hidden_layers=2, **kw)
     assert kv_geometry(cfg) == (2, kv_heads, 16)

@@ -8,8 +8,8 @@ import onnx_ir as ir
 import pytest
 
 import llmopt
-from llmopt import export_cache
-from llmopt.exporter import export
+from llmopt.frontend import export_cache
+from llmopt.frontend.exporter import export
 
 
 def _weights(path):
@@ -27,7 +27,7 @@ def test_second_export_of_the_same_files_is_read_from_the_cache(hf_dirs, tmp_pat
     first = export(src, tmp_path / "a" / "model.onnx", with_past=True)
     entries = list((tmp_path / "cache" / "exports").iterdir())
     assert len(entries) == 1 and (entries[0] / "complete").is_file()
-    monkeypatch.setattr("llmopt.exporter.load_hf_model", _no_exporter)
+    monkeypatch.setattr("llmopt.frontend.exporter.load_hf_model", _no_exporter)
     second = export(src, tmp_path / "b" / "model.onnx", with_past=True)
     a, b = llmopt.load(first), llmopt.load(second)
     assert [n.op_type for n in a.graph] == [n.op_type for n in b.graph]
@@ -57,7 +57,7 @@ def test_a_changed_file_misses_and_a_half_entry_is_never_read(hf_dirs, tmp_path,
     assert export_cache.key(src, with_past=False, opset=20) == k
     (export_cache.root() / k / "complete").unlink()  # a writer killed before its marker
     assert export_cache.lookup(k) is None
-    monkeypatch.setattr("llmopt.exporter.load_hf_model", _no_exporter)
+    monkeypatch.setattr("llmopt.frontend.exporter.load_hf_model", _no_exporter)
     with pytest.raises(AssertionError, match="the cache missed"):
         export(src, tmp_path / "b.onnx")
 

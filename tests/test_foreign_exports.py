@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import llmopt
-from llmopt.exporter import reference_model_dir
+from llmopt.frontend.exporter import reference_model_dir
 
 LAYERS = 2
 
@@ -66,7 +66,7 @@ def test_genai_builder_output_compiles_with_its_cache(hf_dirs, tmp_path):
     assert rep["kv_cache"]["head_dim"] == 16 and rep["kv_cache"]["kv_heads"] == 2
     assert rep["artifact"]["ops"]["com.microsoft::GroupQueryAttention"] == LAYERS
     assert rep["artifact"]["ops"]["com.microsoft::MatMulNBits"] > 0  # the target's 8-bit weights
-    from llmopt.runtime import Generator
+    from llmopt.ort.generation import Generator
 
     gen = Generator(art.path).generate([[5, 9, 14, 3]], 8, eos_token_id=-1)
     assert len(gen.tokens[0]) == 8
@@ -89,7 +89,7 @@ def test_optimum_export_fuses_like_llmopts_own(tmp_path):
     int8 = llmopt.compile(OPTIMUM_LLAMA, target="cpu-int8", out=tmp_path / "int8")
     assert int8.report["verification"]["passed"] and int8.report["speed"]["speedup"] > 0
     assert OPTIMUM_LLAMA.read_bytes() == before  # the input is never modified
-    from llmopt.runtime import Generator, greedy_by_recompute
+    from llmopt.ort.generation import Generator, greedy_by_recompute
 
     prompt = [5, 9, 14, 3, 77]
     cached = Generator(fp32.path).generate([prompt], 16, eos_token_id=-1).tokens[0]
@@ -115,7 +115,7 @@ def test_masks_and_caps_fuse_into_gqa_attributes(tmp_path, arch, overrides, attr
     from transformers import AutoModelForCausalLM
 
     from llmopt.models.architectures import config, export_input_ids_only
-    from llmopt.runtime import Generator, greedy_by_recompute
+    from llmopt.ort.generation import Generator, greedy_by_recompute
 
     cfg = config(arch)
     for key, value in overrides.items():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt.runtime import Generator
+from llmopt.ort.generation import Generator
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

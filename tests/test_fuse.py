@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt import verify
+from llmopt.ort import verify
 from llmopt.models.architectures import ARCHITECTURES
 from llmopt.passes.fuse import FUSION_DOMAIN
 from llmopt.passes.fuse_rules import canonical_dim
-from llmopt.registry import get_pass
+from llmopt.core.registry import get_pass
 
 LAYERS = 2  # the tiny configs
 NORMS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization", "SkipLayerNormalization"}
@@ -57,8 +57,8 @@ def test_fuse_every_layer(exported, arch, with_past):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_density_at_most_15_nodes_per_layer(exported, hf_dirs, tmp_path, arch):
     """Nodes per decoder layer after fold,cleanup,fuse,cleanup: (nodes at 3 layers - at 2 layers)."""
-    from llmopt.exporter import export
-    from llmopt.manager import run_pipeline
+    from llmopt.frontend.exporter import export
+    from llmopt.core.manager import run_pipeline
     from llmopt.models.architectures import build
 
     deeper = export(build(arch, tmp_path / "hf", layers=LAYERS + 1), tmp_path / "m.onnx", with_past=True)
@@ -114,7 +114,7 @@ def test_silu_as_quickgelu_keeps_logits(exported):
 
 def test_bad_attention_mode_is_a_pipeline_error():
     from llmopt.errors import PipelineError
-    from llmopt.pipeline import parse
+    from llmopt.core.pipeline import parse
 
     with pytest.raises(PipelineError, match="attention='flash'"):
         parse("fuse{attention=flash}").validate()

@@ -10,9 +10,9 @@ import numpy as np
 import onnx_ir as ir
 
 import llmopt
-from llmopt import verify
+from llmopt.ort import verify
 from llmopt.passes import fuse as fuse_mod
-from llmopt.registry import get_pass
+from llmopt.core.registry import get_pass
 from tests.test_cli import llmopt_cli as run_cli
 
 LAYERS = 2
@@ -71,7 +71,7 @@ def test_custom_attention_variant_compiles_unfused_verified_and_explained(export
 def test_granite_multipliers_fuse_with_their_scale(hf_dirs, tmp_path):
     """Granite scales attention by ``attention_multiplier`` (not 1/sqrt(head_dim)): onnxscript's GQA
     rule dropped it (a wrong graph); the fused kernel now carries it and the numbers agree."""
-    from llmopt.exporter import export
+    from llmopt.frontend.exporter import export
 
     path = export(hf_dirs("granite"), tmp_path / "granite.onnx", with_past=True)
     model = llmopt.load(path)
@@ -142,7 +142,7 @@ def test_attention_gqa_cannot_run_falls_back_to_mha(tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmopt.exporter import export
+    from llmopt.frontend.exporter import export
 
     cfg = AutoConfig.for_model("llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

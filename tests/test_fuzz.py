@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmopt.errors import LlmoptError, PipelineError
-from llmopt.pipeline import parse
+from llmopt.core.pipeline import parse
 
 HARNESS = Path(__file__).with_name("faults.py")
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import llmopt
-from llmopt.runtime import Generator
+from llmopt.ort.generation import Generator
 
 from test_cli import assert_clean_error, llmopt_cli
 

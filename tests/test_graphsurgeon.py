@@ -1,4 +1,4 @@
-"""onnx-graphsurgeon passes run as llmopt passes (llmopt.graphsurgeon)."""
+"""onnx-graphsurgeon passes run as llmopt passes (llmopt.core.graphsurgeon)."""
 
 import dataclasses
 import subprocess
@@ -10,12 +10,13 @@ import onnx_graphsurgeon as gs
 import onnx_ir as ir
 import pytest
 
-from llmopt import graphsurgeon as lgs
-from llmopt import ir as irx
-from llmopt import registry, verify
+from llmopt.core import graphsurgeon as lgs
+from llmopt.core import model_io, graph_util
+from llmopt.core import registry
+from llmopt.ort import verify
 from llmopt.errors import MissingDependencyError, PipelineError
-from llmopt.graphsurgeon import GraphSurgeonPass, graphsurgeon_pass
-from llmopt.manager import run_pipeline
+from llmopt.core.graphsurgeon import GraphSurgeonPass, graphsurgeon_pass
+from llmopt.core.manager import run_pipeline
 
 
 def _unique(prefix: str) -> str:
@@ -41,7 +42,7 @@ def register():
 @pytest.fixture
 def llama(exported):
     path = exported("llama", True)
-    return path, irx.load(path)
+    return path, model_io.load(path)
 
 
 def _feeds(model):
@@ -108,13 +109,13 @@ def test_rewrite_through_pipeline_keeps_numerics(llama, register, tmp_path):
     assert result.modified and result.records[0].modified
     assert _ops(model, "Identity") == matmuls and len(model.graph) == nodes0 + matmuls
     assert result.records[0].nodes_after == nodes0 + matmuls
-    out = irx.save(model, tmp_path / "inserted" / "model.onnx")
+    out = model_io.save(model, tmp_path / "inserted" / "model.onnx")
     mid = verify.run_path(out, feeds)
 
     result = run_pipeline(model, f"{rm}{{op=Identity}}")
     assert result.modified
     assert _ops(model, "Identity") == 0 and len(model.graph) == nodes0
-    out = irx.save(model, tmp_path / "removed" / "model.onnx")
+    out = model_io.save(model, tmp_path / "removed" / "model.onnx")
     after = verify.run_path(out, feeds)
     for b, m, a in zip(before, mid, after):
         np.testing.assert_allclose(m["logits"], b["logits"], rtol=0, atol=1e-6)
@@ -144,8 +145,8 @@ def test_noop_pass_is_not_a_modification(llama):
 
 def test_weights_stay_external_and_files_untouched(llama):
     path, model = llama
-    files = irx.model_files(path, model)
-    digest = irx.sha256_files(files)
+    files = model_io.model_files(path, model)
+    digest = model_io.sha256_files(files)
     external = _external(model)
     assert len(external) >= 10
 
@@ -182,12 +183,12 @@ def test_weights_stay_external_and_files_untouched(llama):
         assert t.raw is None  # never read
     assert model.graph.initializers[in_memory_name].const_value is in_memory  # not copied
     assert model.graph.initializers[lazy_name].const_value is lazy and not calls  # not evaluated
-    assert irx.sha256_files(files) == digest
+    assert model_io.sha256_files(files) == digest
 
     after = verify.run_ir_model(model, feeds)
     for b, a in zip(before, after):
         np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-6)
-    assert irx.sha256_files(files) == digest
+    assert model_io.sha256_files(files) == digest
 
 
 def test_reading_values_keeps_tensors_by_reference(llama):
@@ -364,5 +365,5 @@ def test_missing_graphsurgeon(monkeypatch):
 
 
 def test_import_llmopt_does_not_import_graphsurgeon():
-    code = "import sys, llmopt, llmopt.graphsurgeon; sys.exit('onnx_graphsurgeon' in sys.modules)"
+    code = "import sys, llmopt, llmopt.core.graphsurgeon; sys.exit('onnx_graphsurgeon' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.inspector import inspect_model
+from llmopt.frontend.inspector import inspect_model
 
 
 def test_inspect_llama(exported):
@@ -39,7 +39,7 @@ def test_inspect_never_reads_weights(tmp_path):
     ir.save(model, tmp_path / "big.onnx")
     assert data.stat().st_size == n * 4
     code = (
-        "import json; from llmopt.inspector import inspect_model;"
+        "import json; from llmopt.frontend.inspector import inspect_model;"
         f"info = inspect_model({str(tmp_path / 'big.onnx')!r});"
         # VmHWM is this process's own peak (ru_maxrss can carry the parent's across exec)
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"

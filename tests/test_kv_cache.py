@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt import ir as irx
-from llmopt.manager import run_pipeline
+from llmopt.core import model_io, graph_util
+from llmopt.core.manager import run_pipeline
 from llmopt.models.architectures import ARCHITECTURES
 from llmopt.passes.kv_cache import KVCacheError
-from llmopt.runtime import Generator, Sampling, greedy_by_recompute
+from llmopt.ort.generation import Generator, Sampling, greedy_by_recompute
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [21, 22, 23]]  # different lengths: batch 2, right padding
 NEW = 12
@@ -20,7 +20,7 @@ NEW = 12
 def _compile(src, pipeline, out):
     model = llmopt.load(src)
     result = run_pipeline(model, pipeline)
-    irx.save(model, out)
+    model_io.save(model, out)
     return result
 
 
@@ -55,7 +55,7 @@ def test_other_cache_names_are_canonicalized(exported, tmp_path):
         if v.name.startswith("present."):
             _, layer, kind = v.name.split(".")
             v.name = f"present_{kind}.{layer}"
-    p = llmopt.registry.get_pass("kv-cache")()
+    p = llmopt.core.registry.get_pass("kv-cache")()
     assert p(model).modified
     assert p.counters["renamed_inputs"] == 4 and p.counters["renamed_outputs"] == 4
     assert {v.name for v in model.graph.inputs} >= {"past_key_values.0.key", "past_key_values.1.value"}
@@ -96,7 +96,7 @@ def test_generation_stops_at_eos(exported, tmp_path):
 
 
 def test_sampling():
-    from llmopt.runtime import _choose
+    from llmopt.ort.generation import _choose
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((3, 50))
@@ -113,14 +113,14 @@ def test_a_cache_that_cannot_be_added_leaves_the_graph_as_it_was(exported_ids_on
     """Adding a cache is all or nothing: here it fails after the attention_mask input was added
     (the head size cannot be read); the graph goes back to what it was, the pass says it changed
     nothing and warns."""
-    from llmopt.registry import get_pass
+    from llmopt.core.registry import get_pass
 
     model = llmopt.load(exported_ids_only("llama"))
     run_pipeline(model, "fold,cleanup,fuse")
-    before = (irx.io_signature(model), irx.op_histogram(model), irx.node_count(model))
-    monkeypatch.setattr(irx, "gqa_head_dim", lambda node: None)
+    before = (graph_util.io_signature(model), graph_util.op_histogram(model), graph_util.node_count(model))
+    monkeypatch.setattr(graph_util, "gqa_head_dim", lambda node: None)
     p = get_pass("kv-cache")()
     assert not p(model).modified
     assert dict(p.counters) == {"left_without_cache": 1} and "query is unknown" in p.warnings[0]
-    assert (irx.io_signature(model), irx.op_histogram(model), irx.node_count(model)) == before
+    assert (graph_util.io_signature(model), graph_util.op_histogram(model), graph_util.node_count(model)) == before
     assert "attention_mask" not in [v.name for v in model.graph.inputs]

@@ -9,10 +9,10 @@ import pytest
 
 import llmopt
 from llmopt.errors import VerificationError
-from llmopt.manager import PassManager, run_pipeline
-from llmopt.pass_base import Pass, option
-from llmopt.pipeline import parse
-from llmopt.registry import BUILTIN, register_pass
+from llmopt.core.manager import PassManager, run_pipeline
+from llmopt.core.pass_base import Pass, option
+from llmopt.core.pipeline import parse
+from llmopt.core.registry import BUILTIN, register_pass
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@ from typing import Literal
 import pytest
 
 from llmopt.errors import PipelineError
-from llmopt.pass_base import Pass, make_options, option
-from llmopt.registry import all_passes, get_pass, register_pass
+from llmopt.core.pass_base import Pass, make_options, option
+from llmopt.core.registry import all_passes, get_pass, register_pass
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 import pytest
 
 from llmopt.errors import PipelineError
-from llmopt.pipeline import FixedPoint, PassSpec, load_recipe, parse, to_toml
+from llmopt.core.pipeline import FixedPoint, PassSpec, load_recipe, parse, to_toml
 
 
 def test_parse_names_and_options():

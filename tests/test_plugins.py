@@ -13,9 +13,9 @@ import pytest
 
 import llmopt
 from llmopt.errors import InputError, PluginError
-from llmopt.manager import run_pipeline
-from llmopt.registry import _ORIGINS, _PASSES, origin
-from llmopt.rules import RewriteRulePass, Rule, fail
+from llmopt.core.manager import run_pipeline
+from llmopt.core.registry import _ORIGINS, _PASSES, origin
+from llmopt.core.rules import RewriteRulePass, Rule, fail
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "plugin"
@@ -243,7 +243,7 @@ def test_example_package_installs_and_runs(tmp_path, llama_onnx):
 
 
 RULE_PASS_FILE = """
-    from llmopt.rules import Rule, rule_pass
+    from llmopt.core.rules import Rule, rule_pass
 
     @rule_pass("file-rsqrt")
     class Rsqrt(Rule):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt import verify
+from llmopt.ort import verify
 from llmopt.errors import LlmoptError, PipelineError
 from llmopt.passes.prune import SPARSITY_KEY, PruneError
 
@@ -119,7 +119,7 @@ def test_heads_pruning_shrinks_attention_and_the_cache(exported, tmp_path, arch)
     assert art.report["kv_cache"]["kv_heads"] == 1
     gqa = [n for n in llmopt.load(art.model_path).graph if n.op_type == "GroupQueryAttention"]
     assert all(n.attributes["num_heads"].as_int() == 2 and n.attributes["kv_num_heads"].as_int() == 1 for n in gqa)
-    from llmopt.runtime import Generator
+    from llmopt.ort.generation import Generator
 
     tokens = Generator(art.path).generate([[5, 6, 7, 8]], 5).tokens[0]  # decodes with the smaller cache
     assert len(tokens) == 5
@@ -160,7 +160,7 @@ def test_global_threshold_streams_and_matches_the_exact_quantile():
 
 def test_structured_pruning_honours_exclude(exported):
     from llmopt.passes.prune import _gated_mlps
-    from llmopt.registry import get_pass
+    from llmopt.core.registry import get_pass
 
     model = _fused(exported)
     feeds = [verify.sample_inputs(model, verify.default_shapes(True)[1], 3)]

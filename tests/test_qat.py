@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt import qat
+from llmopt.frontend import qat
 from llmopt.passes.weight_only import quantize_blocks
-from llmopt.quant_spec import QuantSpec
+from llmopt.quant.spec import QuantSpec
 
 
 @pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False)])

@@ -7,9 +7,9 @@ import onnx_ir as ir
 import pytest
 
 import llmopt
-from llmopt import verify
+from llmopt.ort import verify
 from llmopt.errors import VerificationError
-from llmopt.quant_spec import QUANT_ERROR_KEY
+from llmopt.quant.spec import QUANT_ERROR_KEY
 
 
 def _float_weights(model):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from llmopt.errors import PipelineError
-from llmopt.quant_spec import QuantSpec
+from llmopt.quant.spec import QuantSpec
 
 
 @pytest.mark.parametrize("dtype, symmetric", [("int8", True), ("uint8", False), ("uint4", False), ("int4", True), ("int8", False)])

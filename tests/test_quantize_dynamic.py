@@ -8,11 +8,11 @@ import onnx_ir as ir
 import pytest
 
 import llmopt
-from llmopt import verify
+from llmopt.ort import verify
 from llmopt.models.architectures import ARCHITECTURES
 from llmopt.passes.quantize_dynamic import block_error, dense_error, quantize_blockwise_u8, quantize_symmetric
-from llmopt.quant_spec import QUANT_ERROR_KEY
-from llmopt.registry import get_pass
+from llmopt.quant.spec import QUANT_ERROR_KEY
+from llmopt.core.registry import get_pass
 
 
 def _graph(build):
@@ -286,7 +286,7 @@ def test_gemm_with_transb_and_alpha(kernel):
 
 def test_bad_options():
     from llmopt.errors import PipelineError
-    from llmopt.pipeline import parse
+    from llmopt.core.pipeline import parse
 
     for text, match in [("quantize-dynamic{block_size=48}", "power of two"), ("quantize-dynamic{kernel=fast}", "nbits, dynamic"),
                         ("quantize-dynamic{accuracy_level=9}", "0..4")]:

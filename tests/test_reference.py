@@ -3,7 +3,7 @@
 import json
 
 import llmopt
-from llmopt.exporter import reference_model_dir
+from llmopt.frontend.exporter import reference_model_dir
 
 
 def test_reference_model_is_complete():

@@ -9,7 +9,7 @@ import textwrap
 def test_entry_point_plugin_pass_is_listed_and_runs(tmp_path, exported):
     (tmp_path / "my_llmopt_plugin.py").write_text(textwrap.dedent('''
         import onnx_ir as ir
-        from llmopt.pass_base import Pass
+        from llmopt.core.pass_base import Pass
 
         class CountNodes(Pass):
             name = "count-nodes"

@@ -10,10 +10,10 @@ from html.parser import HTMLParser
 
 import pytest
 
-from llmopt.bench import BenchSettings, benchmark
-from llmopt.compiler import compile
+from llmopt.ort.bench import BenchSettings, benchmark
+from llmopt.compiler.driver import compile
 from llmopt.errors import InputError, OutputError
-from llmopt.html_report import (
+from llmopt.reporting.html_report import (
     layer_index,
     nice_ticks,
     render_html,

@@ -16,10 +16,10 @@ import onnx
 import pytest
 
 import llmopt
-from llmopt import atomic
-from llmopt import ir as irx
+from llmopt.core import atomic
+from llmopt.core import model_io, graph_util
 from llmopt.errors import OutputError
-from llmopt.exporter import reference_model_dir
+from llmopt.frontend.exporter import reference_model_dir
 
 from test_cli import assert_clean_error, llmopt_cli
 
@@ -38,7 +38,7 @@ def src(exported, tmp_path):
     d = tmp_path / "src"
     d.mkdir()
     original = exported("llama", True)
-    for f in irx.model_files(original):
+    for f in model_io.model_files(original):
         shutil.copy(f, d / f.name.replace(original.name, "model.onnx"))
     m = onnx.load(str(d / "model.onnx"), load_external_data=False)
     for t in m.graph.initializer:
@@ -133,13 +133,13 @@ def test_export_overwrite_keeps_a_whole_pair_at_every_step(hf_dirs, tmp_path, mo
         llmopt.export(hf_dirs("llama"), out, with_past=True)
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert digest([out, tmp_path / "m.onnx.data"]) == first
-    irx.load(out)
+    model_io.load(out)
     assert not [p for p in tmp_path.iterdir() if ".llmopt-" in p.name]  # staging removed by the finally
     # a completed overwrite: the new .onnx references a new data file, the old one is gone
     llmopt.export(hf_dirs("llama"), out, with_past=True)
     assert atomic.referenced_data_files(out) == {"m.onnx.1.data"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.1.data"]
-    assert any(v.name.startswith("past_key_values") for v in irx.load(out).graph.inputs)
+    assert any(v.name.startswith("past_key_values") for v in model_io.load(out).graph.inputs)
     assert atomic.data_file_for(out, atomic.referenced_data_files(out)) == "m.onnx.data"  # and back next time
 
 
@@ -295,7 +295,7 @@ def test_interrupt_removes_this_process_work_dirs_only(tmp_path):
     import os
     import tempfile
 
-    from llmopt import atomic
+    from llmopt.core import atomic
 
     mine = atomic.work_dir("verify")
     (mine / "model.onnx").write_bytes(b"x")

@@ -4,8 +4,8 @@ flatter across channels, and it composes with qdq."""
 import numpy as np
 
 import llmopt
-from llmopt import calibration as cal
-from llmopt import verify
+from llmopt.ort import calibration as cal
+from llmopt.ort import verify
 
 
 def test_smoothing_keeps_the_function_and_flattens_activations(exported):

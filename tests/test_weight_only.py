@@ -11,11 +11,11 @@ import onnx_ir as ir
 import pytest
 
 import llmopt
-from llmopt import ir as irx
-from llmopt import verify
+from llmopt.core import model_io, graph_util
+from llmopt.ort import verify
 from llmopt.passes.weight_only import gptq, pack_nbits, quantize_blocks
-from llmopt.quant_spec import QUANT_ERROR_KEY, QuantSpec
-from llmopt.registry import get_pass
+from llmopt.quant.spec import QUANT_ERROR_KEY, QuantSpec
+from llmopt.core.registry import get_pass
 
 
 def _single_matmul(w: np.ndarray) -> ir.Model:
@@ -228,7 +228,7 @@ def test_real_export_embeddings_keep_logits_and_shrink(exported, arch):
     llmopt.run_pipeline(src, "fold,cleanup,fuse")
     (embed,) = [n.inputs[0].name for n in src.graph if n.op_type == "Gather" and n.inputs[0].is_initializer()]
     table_bytes = src.graph.initializers[embed].const_value.nbytes
-    fused = irx.save(src, Path(tempfile.mkdtemp()) / "fused.onnx")
+    fused = model_io.save(src, Path(tempfile.mkdtemp()) / "fused.onnx")
     before = verify.run_ir_model(src, feeds)
     results = {}
     for pipeline in ["weight-only{gather=false}", "weight-only", "weight-only{bits=8}"]:
@@ -242,7 +242,7 @@ def test_real_export_embeddings_keep_logits_and_shrink(exported, arch):
         # lm_head is quantized but its table stays in float for the Gather)
         kept = {embed} if arch == "gemma" and "gather=false" in pipeline else set()
         assert set(errors) == set(floats) - set(_float_weights(model)) | kept, pipeline
-        results[pipeline] = (model, rec, figs, errors, irx.initializer_bytes(model))
+        results[pipeline] = (model, rec, figs, errors, graph_util.initializer_bytes(model))
     _, _, figs_float, _, bytes_float = results["weight-only{gather=false}"]
     model, rec, figs, errors, nbytes = results["weight-only"]
     gbq = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt import perplexity as pplx
-from llmopt import verify
-from llmopt.exporter import reference_model_dir
-from llmopt.runtime import Generator
+from llmopt.ort import perplexity as pplx
+from llmopt.ort import verify
+from llmopt.frontend.exporter import reference_model_dir
+from llmopt.ort.generation import Generator
 
 pytestmark = pytest.mark.gpu
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")

@@ -4,7 +4,7 @@ torch's export guards attention softmax against all-masked rows with Where(IsNaN
 A causal mask never masks a whole row, so the guard is dead weight in every attention block.
 """
 
-from llmopt.rules import RewriteRulePass, Rule, fail
+from llmopt.core.rules import RewriteRulePass, Rule, fail
 
 
 class DropNanGuard(Rule):

@@ -4,7 +4,7 @@ torch's export guards softmax against all-masked rows with Where(IsNaN(p), 0, p)
 never masks a whole row, so the guard is dead weight in every attention block.
 """
 
-from llmopt.graphsurgeon import GraphSurgeonPass
+from llmopt.core.graphsurgeon import GraphSurgeonPass
 
 
 class DropNanGuardGS(GraphSurgeonPass):

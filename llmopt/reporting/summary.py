@@ -1,0 +1,66 @@
+"""The human-readable compile report (what `llmopt compile` prints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmopt.reporting.files import human_bytes
+
+
+def format_compile_report(r: dict[str, Any], path: Path) -> str:
+    a = r["artifact"]
+    lines = [f"compiled {r['source']['path']} -> {path}/ for {r['target']['name']} ({r['provider']}) in {r['seconds']}s"]
+    lines.append(
+        f"  size      {human_bytes(a['bytes'])} vs {human_bytes(r['source']['bytes'])} source "
+        f"({a['size_ratio']:.3f}x); nodes {a['source_nodes']} -> {a['nodes']}"
+    )
+    s = r.get("speed")
+    if s:
+        lines.append(
+            f"  speed     {s['speedup']:.2f}x speedup, {s['what']} ({s['source_ms']:.2f} -> {s['compiled_ms']:.2f} ms, "
+            f"median of {s['pairs']} alternating pairs, range {s['speedup_min']:.2f}-{s['speedup_max']:.2f}x, "
+            f"{s['threads']} threads{_on_other_provider(s, r)})"
+        )
+    v = r.get("verification")
+    if v:
+        f = v["figures"]
+        status = "PASS" if v["passed"] else "FAIL: " + "; ".join(v["misses"])
+        lines.append(
+            f"  verify    {status} - logits max-abs {f['max_abs']:.3g}, cosine {f['cosine']:.6f}, "
+            f"top-1 agreement {f['top1']:.3f}"
+        )
+    else:
+        lines.append("  verify    skipped (--no-verify)")
+    acc = r.get("accuracy")
+    if acc:
+        lines.append(
+            f"  accuracy  perplexity {acc['source_perplexity']:.3f} -> {acc['compiled_perplexity']:.3f} "
+            f"({acc['perplexity_change']:+.2%}) on {acc['tokens']} tokens of {Path(acc['text']).name}"
+        )
+    for g in r.get("gates", []):
+        lines.append(f"  gate      {'PASS' if g['passed'] else 'FAIL'} {g['gate']}: {g['text']}")
+    for w in r.get("warnings", []):
+        lines.append(f"  warning   {w}")
+    for c in r.get("constraints", []):
+        lines.append(f"  note      {c}")
+    for rec in r.get("passes", []):
+        entries = rec.get("explanations") or []
+        quiet = [e for e in entries if e["status"] == "no partial match"]
+        for e in sorted((e for e in entries if e not in quiet), key=lambda e: -e.get("matched_nodes", 0)):
+            near = f" near {', '.join(e['near'])}" if e.get("near") else ""
+            at = f" (best partial match at {e['at']}, {e['matched_nodes']} nodes{near})" if e.get("at") else ""
+            lines.append(f"  explain   {rec['name']}/{e.get('stage', '')}: {e['rule']} did not fire - {e['status']}: {e['reason']}{at}")
+        if quiet:
+            lines.append(f"  explain   {rec['name']}: {len(quiet)} more rules matched nothing at all "
+                         f"({', '.join(sorted({e['rule'] for e in quiet}))})")
+    lines.append(f"  passes    {r['pipeline']}  (details: {path}/llmopt.json)")
+    return "\n".join(lines)
+
+
+def _on_other_provider(speed: dict, r: dict) -> str:
+    """Say so when the timing ran on another provider than the target's (a CUDA target timed on the CPU)."""
+    measured = speed.get("provider")
+    if measured and measured != r.get("provider"):
+        return f", on {measured}: not the target's {r.get('provider')}, a check that the graph runs, not its speed there"
+    return ""
