@@ -31,10 +31,11 @@ from _common import machine  # noqa: E402
 
 def time_artifacts(paths: list[str], pairs: int) -> list[dict]:
     """Each artifact's decode step against the first's, alternated (run in a fresh process)."""
-    from llmopt.core import model_io, graph_util
-    from llmopt.ort import timing, verify
+    from llmopt.core import model_io
+    from llmopt.ort import timing
+    from llmopt.ort import sessions
 
-    sessions = [verify.make_session(p, threads=2) for p in paths]
+    sessions = [sessions.make_session(p, threads=2) for p in paths]
     feeds = [timing.decode_feeds(model_io.load(p), past=128) for p in paths]
     return [timing.compare_sessions_feeds(sessions[0], feeds[0], s, f, pairs=pairs) for s, f in zip(sessions[1:], feeds[1:])]
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llmopt  # noqa: E402
 from llmopt.core import model_io, graph_util  # noqa: E402
 from llmopt.ort import verify  # noqa: E402
+from llmopt.ort import sessions
 from llmopt.core.manager import run_pipeline  # noqa: E402
 from llmopt.models.architectures import ARCHITECTURES, config  # noqa: E402
 
@@ -92,9 +93,9 @@ def ort_fuse(src: Path, dst: Path, arch: str, size: str = "tiny"):
 def max_abs(src: Path, dst: Path) -> float:
     model = llmopt.load(src)
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(verify.default_shapes(verify.has_past_inputs(model)))]
-    ref = verify.run_path(src, feeds)
+    ref = sessions.run_path(src, feeds)
     try:
-        got = verify.run_path(dst, feeds)
+        got = sessions.run_path(dst, feeds)
     except Exception as exc:  # a tool's output that ORT cannot load or run
         return f"ORT fails: {str(exc).splitlines()[0][:120]}"
     return max(verify.compare(r, g).max_abs for r, g in zip(ref, got))
@@ -128,10 +129,10 @@ def time_models(src: str, ort_path: str, ours: str, silu: str, pairs: int) -> No
     model = llmopt.load(src)
     steps = {"prefill 128 tokens": verify.sample_inputs(model, verify.SampleShape(1, 128, 0), seed=7),
              "1 token after 128": verify.sample_inputs(model, verify.SampleShape(1, 1, 128), seed=7)}
-    mine = verify.make_session(ours, threads=2)
+    mine = sessions.make_session(ours, threads=2)
     results = {}
     for label, other in (("export", src), ("onnxruntime", ort_path), ("llmopt fuse{silu=true} (QuickGelu)", silu)):
-        sess = verify.make_session(other, threads=2)
+        sess = sessions.make_session(other, threads=2)
         for step, feeds in steps.items():
             results[f"{label} | {step}"] = timing.compare_sessions(sess, mine, feeds, pairs=pairs, warmup=5)
         del sess

@@ -18,12 +18,13 @@ import tempfile
 import onnxruntime as ort
 
 import llmopt
-from llmopt.ort import timing, verify
+from llmopt.ort import timing
+from llmopt.ort import sessions
 
 
 def profile(path: str, steps: int) -> dict[str, float]:
     feeds = timing.decode_feeds(llmopt.load(path), past=128)
-    so = verify.session_options(threads=2)
+    so = sessions.session_options(threads=2)
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "prof")
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])

@@ -23,8 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt.ort import perplexity as pplx, timing, verify  # noqa: E402
-from llmopt.core import model_io, graph_util  # noqa: E402
+from llmopt.ort import perplexity as pplx, timing  # noqa: E402
+from llmopt.ort import sessions
+from llmopt.core import graph_util  # noqa: E402
 from llmopt.frontend.exporter import reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 
@@ -49,7 +50,7 @@ def reference(work: Path) -> dict:
     for i, (name, prune) in enumerate(VARIANTS.items()):
         art = llmopt.compile(ref, target="cpu-fp32", passes=pipeline(prune), out=work / f"ref{i}", measure_speed=False,
                              verify_model=False, eval_tokens=256)
-        ppl = pplx.perplexity(verify.make_session(art.model_path, threads=2), ids)
+        ppl = pplx.perplexity(sessions.make_session(art.model_path, threads=2), ids)
         params = sum(p["count"] for p in graph_util.parameter_stats(llmopt.load(art.model_path)).values())
         rows[name] = {"perplexity": ppl["perplexity"], "parameters": params, "sparsity": art.report.get("sparsity")}
         print(name, round(ppl["perplexity"], 3), params, flush=True)
@@ -72,7 +73,7 @@ def structured_speed(work: Path, pairs: int) -> dict:
 
 
 def time_pair(dense: str, pruned: str, pairs: int) -> None:
-    a, b = verify.make_session(dense, threads=2), verify.make_session(pruned, threads=2)
+    a, b = sessions.make_session(dense, threads=2), sessions.make_session(pruned, threads=2)
     feeds = timing.decode_feeds(llmopt.load(dense), past=128)
     print(json.dumps(timing.compare_sessions(a, b, feeds, pairs=pairs, warmup=5)))
 

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt.ort import calibration, perplexity as pplx, timing, verify  # noqa: E402
-from llmopt.core import model_io, graph_util  # noqa: E402
+from llmopt.ort import sessions
+from llmopt.core import model_io  # noqa: E402
 from llmopt.frontend.exporter import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 
@@ -77,7 +78,7 @@ def ort_tools(work: Path, tag: str, fused: Path, calib_source) -> dict[str, Path
 
     model = llmopt.load(fused)
     batches = calibration.token_batches(calib_source, reference_model_dir(), 128, 16, verify.vocab_size(model))
-    sess_inputs = {i.name: i for i in verify.make_session(fused).get_inputs()}
+    sess_inputs = {i.name: i for i in sessions.make_session(fused).get_inputs()}
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -132,7 +133,7 @@ def perplexities(models: dict[str, Path]) -> dict[str, float]:
     ids = pplx.tokenize_file(pplx.load_tokenizer(ref), ref / "eval.txt")
     out = {}
     for name, path in models.items():
-        out[name] = pplx.perplexity(verify.make_session(path, threads=2), ids)
+        out[name] = pplx.perplexity(sessions.make_session(path, threads=2), ids)
         print(f"ppl {name}: {out[name]['perplexity']:.3f}", flush=True)
     return out
 
@@ -141,7 +142,7 @@ def time_round_robin(paths: list[str], rounds: int) -> None:
     """Child: one decode step after 128 cached tokens, every model once per round; prints JSON."""
     sessions, feeds = [], []
     for p in paths:
-        sessions.append(verify.make_session(p, threads=2))
+        sessions.append(sessions.make_session(p, threads=2))
         m = llmopt.load(p)
         f = timing.decode_feeds(m, past=128)
         feeds.append({i.name: f[i.name] for i in sessions[-1].get_inputs()})

@@ -24,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llmopt  # noqa: E402
-from llmopt.ort import perplexity as pplx, timing, verify  # noqa: E402
-from llmopt.core import model_io, graph_util  # noqa: E402
+from llmopt.ort import perplexity as pplx, timing  # noqa: E402
+from llmopt.ort import sessions
+from llmopt.core import graph_util  # noqa: E402
 from llmopt.frontend.exporter import export, reference_model_dir  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 
@@ -68,10 +69,10 @@ def time_models(src: str, int8: str, fp32: str, pairs: int) -> None:
     """Child process: single-token latency, source vs each artifact, alternating pairs; prints JSON."""
     model = llmopt.load(src)
     feeds = timing.decode_feeds(model, past=128)
-    a = verify.make_session(src, threads=2)
+    a = sessions.make_session(src, threads=2)
     results = []
     for other in (int8, fp32):
-        b = verify.make_session(other, threads=2)
+        b = sessions.make_session(other, threads=2)
         results.append(timing.compare_sessions(a, b, feeds, pairs=pairs, warmup=5))
         del b
     print(json.dumps(results))
@@ -83,8 +84,8 @@ def reference(work: Path) -> dict:
     src = work / "ref.onnx"
     export(ref, src, with_past=True)
     ids = pplx.tokenize_file(pplx.load_tokenizer(ref), ref / "eval.txt")
-    fp32 = pplx.perplexity(verify.make_session(src, threads=2), ids)
-    int8 = pplx.perplexity(verify.make_session(art.model_path, threads=2), ids)
+    fp32 = pplx.perplexity(sessions.make_session(src, threads=2), ids)
+    int8 = pplx.perplexity(sessions.make_session(art.model_path, threads=2), ids)
     return {"tokens": fp32["tokens"], "fp32_perplexity": fp32["perplexity"], "int8_perplexity": int8["perplexity"],
             "change": int8["perplexity"] / fp32["perplexity"] - 1, "size_ratio": art.report["artifact"]["size_ratio"]}
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 from llmopt.errors import InputError
 
 EVAL_SCHEMA = "llmopt/eval-report/v1"
@@ -88,7 +88,7 @@ def evaluate(
     tokens; ``max_ppl_increase`` (a fraction) then gates the change: see ``EvalResult.passed``.
     """
     from llmopt.ort import perplexity as pplx
-    from llmopt.ort import verify
+    from llmopt.ort import sessions
     from llmopt.compiler.gates import Gates
 
     gates = Gates(max_ppl_increase=max_ppl_increase)
@@ -97,11 +97,11 @@ def evaluate(
     model_file = model_io.resolve_model_file(model)
     tok_dir = Path(tokenizer) if tokenizer is not None else _tokenizer_dir(model_file, baseline)
     ids = pplx.tokenize_file(pplx.load_tokenizer(tok_dir), text, tokens)
-    ppl = pplx.perplexity(verify.make_session(model_file, _providers(model_file), threads=threads), ids, window=window)
+    ppl = pplx.perplexity(sessions.make_session(model_file, _providers(model_file), threads=threads), ids, window=window)
     base_ppl = None
     if baseline is not None:
         base_file = model_io.resolve_model_file(baseline)
-        base_ppl = pplx.perplexity(verify.make_session(base_file, _providers(base_file), threads=threads), ids,
+        base_ppl = pplx.perplexity(sessions.make_session(base_file, _providers(base_file), threads=threads), ids,
                                    window=window)["perplexity"]
     result = EvalResult(str(model), str(text), ppl["tokens"], window, ppl["perplexity"],
                         None if baseline is None else str(baseline), base_ppl)

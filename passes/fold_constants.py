@@ -14,7 +14,7 @@ from collections import Counter
 import onnx_ir as ir
 from onnxscript.optimizer import fold_constants
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass
 

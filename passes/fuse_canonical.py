@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 
 
 def _const(v: ir.Value | None) -> np.ndarray | None:

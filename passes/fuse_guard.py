@@ -19,6 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from llmopt.ort import verify
+
+from llmopt.ort import sessions
 from llmopt.errors import first_line
 
 TOLERANCE = {ir.DataType.FLOAT: 1e-4, ir.DataType.FLOAT16: 1e-2, ir.DataType.BFLOAT16: 5e-2}
@@ -47,12 +49,12 @@ class NumericGuard:
         self.feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(shapes)]
         self.samples = [dataclasses.asdict(s) for s in shapes]
         self.tolerances = {v.name: TOLERANCE.get(v.dtype, 1e-4) for v in model.graph.outputs}
-        self.reference = verify.run_ir_model(model, self.feeds)  # raises if the input graph cannot run
+        self.reference = sessions.run_ir_model(model, self.feeds)  # raises if the input graph cannot run
 
     def disagreement(self, model: ir.Model) -> Disagreement | None:
         """None if ``model`` agrees with the reference on every sample and output."""
         try:
-            outputs = verify.run_ir_model(model, self.feeds)
+            outputs = sessions.run_ir_model(model, self.feeds)
         except Exception as exc:  # noqa: BLE001 - the rewritten graph does not load or run: refuse it
             return Disagreement("", float("inf"), 0.0, f"ONNX Runtime cannot run the fused graph ({_ort_message(exc)})")
         worst: Disagreement | None = None
@@ -152,4 +154,4 @@ def _run_with_outputs(model: ir.Model, names: list[str], feeds: list[dict]) -> l
         v = values[name]
         if name not in existing and v.type is not None:
             probe.graph.outputs.append(v)
-    return verify.run_ir_model(probe, feeds)
+    return sessions.run_ir_model(probe, feeds)

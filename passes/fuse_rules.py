@@ -36,7 +36,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import gqa, sdpa
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 from llmopt.passes import fuse_mask
 
 MS = "com.microsoft"

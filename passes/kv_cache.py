@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 from llmopt.errors import LlmoptError
 from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass

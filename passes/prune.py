@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmopt.errors import LlmoptError
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass
 

@@ -54,7 +54,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 from llmopt.core.pass_base import Pass, option
 from llmopt.quant.spec import QUANT_ERROR_KEY
 from llmopt.core.registry import register_pass

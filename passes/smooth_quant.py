@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass
 

@@ -51,7 +51,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 from llmopt.passes.quantize_dynamic import MS_DOMAIN, QuantizeDynamic, block_error, blocks, is_matmul
 from llmopt.core.pass_base import option
 from llmopt.quant.spec import QuantSpec

@@ -8,7 +8,6 @@ from typing import Any
 
 from llmopt.core.pipeline import Pipeline, parse
 from llmopt.ort.verify import Thresholds
-
 ARTIFACT_FILES = ("model.onnx", "model.onnx.data", "llmopt.json")
 
 
@@ -24,7 +23,7 @@ class Target:
     # so CUDA targets can be checked on machines without a GPU).
     verify_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     # Session config entries for that verification (cuda-int8: QDQ computed as written, see
-    # verify.QDQ_AS_WRITTEN, so a CPU's integer kernels do not stand in for the GPU's).
+    # sessions.QDQ_AS_WRITTEN, so a CPU's integer kernels do not stand in for the GPU's).
     verify_session_config: dict[str, str] = dataclasses.field(default_factory=dict)
     emits: tuple[str, ...] = ARTIFACT_FILES
     # (domain, op_type) pairs the provider implements; the compile fails on any other op. None: no check.

@@ -3,7 +3,6 @@
 from llmopt.core.registry import register_target
 from llmopt.targets.base import Target
 from llmopt.ort.verify import Thresholds
-
 CPU_INT8 = register_target(
     Target(
         name="cpu-int8",

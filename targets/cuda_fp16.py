@@ -6,7 +6,6 @@ from llmopt.core.registry import register_target
 from llmopt.targets.base import Target
 from llmopt.targets.cuda_ops import CUDA_OPS
 from llmopt.ort.verify import Thresholds
-
 CUDA_FP16 = register_target(
     Target(
         name="cuda-fp16",

@@ -1,12 +1,12 @@
 """`cuda-int8`: QDQ int8 (symmetric per-channel weights, symmetric calibrated activations), as the
 CUDA and TensorRT execution providers consume it. Verified on the CPU provider here, with the QDQ
-graph computed as written (verify.QDQ_AS_WRITTEN); every op must be one the CUDA provider implements."""
+graph computed as written (sessions.QDQ_AS_WRITTEN); every op must be one the CUDA provider implements."""
 
 from llmopt.core.registry import register_target
 from llmopt.targets.base import Target
 from llmopt.targets.cuda_ops import CUDA_OPS
-from llmopt.ort.verify import QDQ_AS_WRITTEN, Thresholds
-
+from llmopt.ort.verify import Thresholds
+from llmopt.ort.sessions import QDQ_AS_WRITTEN
 CUDA_INT8 = register_target(
     Target(
         name="cuda-int8",

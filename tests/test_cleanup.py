@@ -3,6 +3,7 @@ import onnx_ir as ir
 
 import llmopt
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.core.registry import get_pass
 
 
@@ -24,7 +25,7 @@ def _model():
 def test_cleanup_removes_dead_code_duplicates_identities_and_initializers():
     model = _model()
     feeds = [{"x": np.arange(8, dtype=np.float32).reshape(2, 4) - 3}]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     p = get_pass("cleanup")()
     assert p(model).modified
     assert [n.op_type for n in model.graph] == ["Relu", "Add"]
@@ -33,7 +34,7 @@ def test_cleanup_removes_dead_code_duplicates_identities_and_initializers():
     assert p.counters["nodes_removed"] == 3 and p.counters["initializers_removed"] == 2
     add = list(model.graph)[1]
     assert add.outputs[0].shape == ir.Shape([2, 4])  # shape inference ran
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     np.testing.assert_array_equal(before[0]["y"], after[0]["y"])
     assert not get_pass("cleanup")()(model).modified  # idempotent: a fixed point
 
@@ -41,9 +42,9 @@ def test_cleanup_removes_dead_code_duplicates_identities_and_initializers():
 def test_cleanup_on_export_keeps_numerics(exported):
     model = llmopt.load(exported("qwen2", True))
     feeds = [verify.sample_inputs(model, s) for s in verify.default_shapes(True)]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     get_pass("cleanup")()(model)
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     for b, a in zip(before, after):
         for k in b:
             np.testing.assert_allclose(a[k], b[k], atol=1e-5)

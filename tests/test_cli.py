@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 
 
 def llmopt_cli(*args, cwd=None):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import llmopt
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.errors import VerificationError
 from llmopt.models.architectures import ARCHITECTURES
 
@@ -43,13 +44,13 @@ def test_cpu_int8_every_architecture(exported, tmp_path, arch, with_past):
     # the artifact runs by itself in ORT and agrees with the source
     model = llmopt.load(src)
     feeds = verify.sample_inputs(model, verify.default_shapes(with_past)[0], seed=7)
-    want = verify.run(verify.make_session(src), feeds)
+    want = sessions.run(sessions.make_session(src), feeds)
     got_feeds = dict(feeds)
     if cached and not with_past:  # the cache was added: an empty one gives the prefill
         for v in llmopt.load(art.model_path).graph.inputs:
             if v.name.startswith("past_key_values."):
                 got_feeds[v.name] = np.zeros((feeds["input_ids"].shape[0], v.shape[1], 0, v.shape[3]), np.float32)
-    got = verify.run(verify.make_session(art.model_path), got_feeds)
+    got = sessions.run(sessions.make_session(art.model_path), got_feeds)
     assert set(got) >= set(want)
     assert verify.compare(want, got).cosine > 0.999
 

@@ -6,6 +6,7 @@ import torch
 
 import llmopt
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.errors import InputError, OutputError
 from llmopt.frontend.exporter import export, load_hf_model
 from llmopt.models.architectures import ARCHITECTURES
@@ -27,10 +28,10 @@ def test_export_matches_transformers(hf_dirs, exported, arch, with_past):
     else:
         assert inputs == ["input_ids", "attention_mask"] and outputs == ["logits"]
     hf = load_hf_model(hf_dirs(arch))
-    sess = verify.make_session(path)
+    sess = sessions.make_session(path)
     for shape in verify.default_shapes(with_past):
         feeds = verify.sample_inputs(model, shape, seed=3)
-        got = verify.run(sess, feeds)
+        got = sessions.run(sess, feeds)
         kwargs = {"input_ids": torch.from_numpy(feeds["input_ids"]), "attention_mask": torch.from_numpy(feeds["attention_mask"])}
         if with_past:
             from transformers import DynamicCache

@@ -3,6 +3,7 @@ import onnx_ir as ir
 
 import llmopt
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.core.registry import get_pass
 
 
@@ -21,12 +22,12 @@ def _model_with_constant_subgraph():
 def test_fold_evaluates_constant_nodes():
     model = _model_with_constant_subgraph()
     feeds = [{"x": np.ones(4, np.float32)}]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     p = get_pass("fold")()
     assert p(model).modified
     assert [n.op_type for n in model.graph] == ["Add"]
     assert p.counters == {"folded.Mul": 1, "folded.Neg": 1}
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     np.testing.assert_array_equal(before[0]["y"], after[0]["y"])
     assert not p(model).modified  # fixed point reached
 
@@ -42,8 +43,8 @@ def test_fold_on_export_keeps_numerics(exported):
     path = exported("gpt2", False)
     model = llmopt.load(path)
     feeds = [verify.sample_inputs(model, s) for s in verify.default_shapes(False)]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     get_pass("fold")()(model)
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     for b, a in zip(before, after):
         np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-5)

@@ -6,6 +6,7 @@ import pytest
 
 import llmopt
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.models.architectures import ARCHITECTURES
 from llmopt.passes.fuse import FUSION_DOMAIN
 from llmopt.passes.fuse_rules import canonical_dim
@@ -19,11 +20,11 @@ ATTENTION = {"GroupQueryAttention", "MultiHeadAttention"}
 def _run_fuse(path, **options):
     model = llmopt.load(path)
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(verify.default_shapes(True if "past" in path.name else False))]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     nodes = len(list(model.graph))
     p = get_pass("fuse")(**options)
     result = p(model)
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     return model, p, result, nodes, before, after
 
 
@@ -84,7 +85,7 @@ def test_unmatched_attention_fails_safe_and_explains(exported):
     path = exported("gpt2", True)
     model = llmopt.load(path)
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(verify.default_shapes(True))]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     p = get_pass("fuse")(attention="gqa")
     p.explain = True
     p(model)
@@ -94,7 +95,7 @@ def test_unmatched_attention_fails_safe_and_explains(exported):
     gqa = [e for e in p.explanations if e["rule"] == "GQA"]
     assert gqa and "RotaryEmbedding" in gqa[0]["reason"]
     assert any(e["status"] == "rolled back" for e in p.explanations)
-    _assert_close(before, verify.run_ir_model(model, feeds))
+    _assert_close(before, sessions.run_ir_model(model, feeds))
 
 
 def test_groups_can_be_switched_off(exported):

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 import llmopt
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.passes import fuse as fuse_mod
 from llmopt.core.registry import get_pass
 from tests.test_cli import llmopt_cli as run_cli
@@ -21,7 +22,7 @@ ATTENTION = {"GroupQueryAttention", "MultiHeadAttention"}
 
 def _outputs(model, has_past=True):
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(verify.default_shapes(has_past))]
-    return verify.run_ir_model(model, feeds)
+    return sessions.run_ir_model(model, feeds)
 
 
 def _assert_close(before, after, rel=1e-4):

@@ -11,9 +11,10 @@ import onnx_ir as ir
 import pytest
 
 from llmopt.core import graphsurgeon as lgs
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 from llmopt.core import registry
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.errors import MissingDependencyError, PipelineError
 from llmopt.core.graphsurgeon import GraphSurgeonPass, graphsurgeon_pass
 from llmopt.core.manager import run_pipeline
@@ -98,7 +99,7 @@ class RemovePassThrough(GraphSurgeonPass):
 def test_rewrite_through_pipeline_keeps_numerics(llama, register, tmp_path):
     path, model = llama
     feeds = _feeds(model)
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     nodes0, matmuls = len(model.graph), _ops(model, "MatMul")
     assert matmuls > 0 and _ops(model, "Identity") == 0
 
@@ -110,13 +111,13 @@ def test_rewrite_through_pipeline_keeps_numerics(llama, register, tmp_path):
     assert _ops(model, "Identity") == matmuls and len(model.graph) == nodes0 + matmuls
     assert result.records[0].nodes_after == nodes0 + matmuls
     out = model_io.save(model, tmp_path / "inserted" / "model.onnx")
-    mid = verify.run_path(out, feeds)
+    mid = sessions.run_path(out, feeds)
 
     result = run_pipeline(model, f"{rm}{{op=Identity}}")
     assert result.modified
     assert _ops(model, "Identity") == 0 and len(model.graph) == nodes0
     out = model_io.save(model, tmp_path / "removed" / "model.onnx")
-    after = verify.run_path(out, feeds)
+    after = sessions.run_path(out, feeds)
     for b, m, a in zip(before, mid, after):
         np.testing.assert_allclose(m["logits"], b["logits"], rtol=0, atol=1e-6)
         np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-6)
@@ -167,7 +168,7 @@ def test_weights_stay_external_and_files_untouched(llama):
     for name in (in_memory_name, lazy_name):
         del external[name]
     feeds = _feeds(model)
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     calls.clear()
     for t in external.values():  # a fresh mapping, to see what the conversion touches
         t.release()
@@ -185,7 +186,7 @@ def test_weights_stay_external_and_files_untouched(llama):
     assert model.graph.initializers[lazy_name].const_value is lazy and not calls  # not evaluated
     assert model_io.sha256_files(files) == digest
 
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     for b, a in zip(before, after):
         np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-6)
     assert model_io.sha256_files(files) == digest
@@ -220,7 +221,7 @@ def test_replaced_values_fall_back_to_loading_with_a_warning(llama, register, mo
     name = max(external, key=lambda k: external[k].nbytes)
     nbytes = external[name].nbytes
     feeds = _feeds(model)
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
 
     @graphsurgeon_pass(_unique("gs-copy"))
     def copy(graph):
@@ -243,7 +244,7 @@ def test_replaced_values_fall_back_to_loading_with_a_warning(llama, register, mo
     for other, t in external.items():
         if other != name:
             assert model.graph.initializers[other].const_value is t
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     for b, a in zip(before, after):
         np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-6)
 
@@ -275,7 +276,7 @@ def _mul_by_one_model():
 def test_fold_mul_by_one_reading_small_constants():
     model = _mul_by_one_model()
     feeds = [{"x": np.arange(6, dtype=np.float32).reshape(2, 3) - 2}]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
 
     @graphsurgeon_pass("gs-fold-mul-one")
     def fold(graph):
@@ -290,7 +291,7 @@ def test_fold_mul_by_one_reading_small_constants():
     assert fold()(model).modified
     assert [n.name for n in model.graph] == ["m2", "relu"]
     assert list(model.graph.initializers) == ["two"]
-    np.testing.assert_array_equal(verify.run_ir_model(model, feeds)[0]["y"], before[0]["y"])
+    np.testing.assert_array_equal(sessions.run_ir_model(model, feeds)[0]["y"], before[0]["y"])
     assert not fold()(model).modified
 
 

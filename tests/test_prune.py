@@ -8,6 +8,7 @@ import pytest
 
 import llmopt
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.errors import LlmoptError, PipelineError
 from llmopt.passes.prune import SPARSITY_KEY, PruneError
 
@@ -45,7 +46,7 @@ def test_unstructured_sparsity(exported, options):
             assert len(set((w == 0).sum(axis=0).tolist())) == 1
     recorded = json.loads(model.metadata_props[SPARSITY_KEY])
     assert recorded == pytest.approx(zeros, abs=1e-6)
-    out = verify.run_ir_model(model, feeds)[0]
+    out = sessions.run_ir_model(model, feeds)[0]
     assert all(np.isfinite(v).all() for v in out.values())
 
 
@@ -71,7 +72,7 @@ def test_ffn_channels_make_the_model_smaller(exported, tmp_path):
     assert pruned.report["artifact"]["bytes"] < dense.report["artifact"]["bytes"]
     model = llmopt.load(pruned.model_path)
     feeds = verify.sample_inputs(model, verify.default_shapes(True)[1], 3)
-    out = verify.run(verify.make_session(pruned.model_path), feeds)
+    out = sessions.run(sessions.make_session(pruned.model_path), feeds)
     assert out["logits"].shape[-1] == 512 and np.isfinite(out["logits"]).all()
 
 
@@ -170,7 +171,7 @@ def test_structured_pruning_honours_exclude(exported):
     assert p(model).modified
     assert dict(p.counters) == {"excluded": 1, "mlps": 1, "channels_removed": width // 4}
     assert first["gate"].inputs[1].const_value.shape[1] == width  # the excluded MLP keeps every channel
-    out = verify.run_ir_model(model, feeds)[0]["logits"]
+    out = sessions.run_ir_model(model, feeds)[0]["logits"]
     assert out.shape[-1] == 512 and np.isfinite(out).all()
     # heads: one head count for every layer (one KV-cache layout), so a partial exclude is refused
     model = _fused(exported)

@@ -8,6 +8,7 @@ import pytest
 
 import llmopt
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.errors import VerificationError
 from llmopt.quant.spec import QUANT_ERROR_KEY
 
@@ -21,7 +22,7 @@ def _float_weights(model):
 def test_qdq_keeps_logits(exported, options):
     model = llmopt.load(exported("llama", True))
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(verify.default_shapes(True))]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     opts = options.rstrip("}") + ("," if options else "{") + "calibration=random,samples=4,seq_len=16}"
     llmopt.run_pipeline(model, "fold,cleanup,fuse")
     floats = _float_weights(model)
@@ -35,7 +36,7 @@ def test_qdq_keeps_logits(exported, options):
     ops = [n.op_type for n in model.graph]
     assert ops.count("QuantizeLinear") == rec.counters["activations"] > 0
     assert ops.count("DequantizeLinear") == rec.counters["activations"] + rec.counters["matmul"]
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     for b, a in zip(before, after):
         assert verify.compare(b, a).cosine > 0.98  # tiny random model, random calibration ids
 

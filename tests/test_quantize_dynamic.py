@@ -9,6 +9,7 @@ import pytest
 
 import llmopt
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.models.architectures import ARCHITECTURES
 from llmopt.passes.quantize_dynamic import block_error, dense_error, quantize_blockwise_u8, quantize_symmetric
 from llmopt.quant.spec import QUANT_ERROR_KEY
@@ -35,7 +36,7 @@ def _graph(build):
 
 
 def _run(model, feeds):
-    return verify.run_ir_model(model, [feeds])[0]
+    return sessions.run_ir_model(model, [feeds])[0]
 
 
 def _feeds():
@@ -301,7 +302,7 @@ def test_real_exports_before_and_after(exported, arch, kernel):
     model = llmopt.load(path)
     shapes = verify.default_shapes(True)
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(shapes)]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     floats = _float_weights(model)
     gathered = {n.inputs[0].name for n in model.graph if n.op_type == "Gather"}
     p = get_pass("quantize-dynamic")(min_elements=0, kernel=kernel, block_size=16)  # tiny: quantize every weight
@@ -319,7 +320,7 @@ def test_real_exports_before_and_after(exported, arch, kernel):
         assert e["scope"].startswith("model."), e  # the module reading it, from the exporter's metadata
     assert p.counters["matmul"] >= 2 * 4 and p.counters["gather"] >= 1
     assert not any(n.op_type in ("MatMul", "Gemm") and n.inputs[1].is_initializer() for n in model.graph)
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     figs = verify.worst([verify.compare(b, a) for b, a in zip(before, after)])
     assert figs.cosine > 0.999 and figs.max_abs < 0.05 and figs.top1 >= 0.8
 

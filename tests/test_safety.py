@@ -17,7 +17,7 @@ import pytest
 
 import llmopt
 from llmopt.core import atomic
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 from llmopt.errors import OutputError
 from llmopt.frontend.exporter import reference_model_dir
 

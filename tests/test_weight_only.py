@@ -13,6 +13,7 @@ import pytest
 import llmopt
 from llmopt.core import model_io, graph_util
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.passes.weight_only import gptq, pack_nbits, quantize_blocks
 from llmopt.quant.spec import QUANT_ERROR_KEY, QuantSpec
 from llmopt.core.registry import get_pass
@@ -36,7 +37,7 @@ def test_matmulnbits_equals_dequantized_weights(bits, symmetric, block):
     p = get_pass("weight-only")(bits=bits, symmetric=symmetric, block_size=block, min_elements=0, accuracy_level=0)
     assert p(model).modified and p.counters["rtn"] == 1
     assert [n.op_type for n in model.graph] == ["MatMulNBits"]
-    got = verify.run_ir_model(model, [{"x": x}])[0]["y"]
+    got = sessions.run_ir_model(model, [{"x": x}])[0]["y"]
     spec = QuantSpec(dtype=f"uint{bits}", symmetric=symmetric, granularity="block", block_size=block)
     q, scale, zero = quantize_blocks(w, spec)
     deq = ((q - zero[..., None]) * scale[..., None]).reshape(24, -1)[:, :80].T
@@ -72,11 +73,11 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
 def test_real_export_keeps_logits(exported, pipeline):
     model = llmopt.load(exported("qwen2", True))
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(verify.default_shapes(True))]
-    before = verify.run_ir_model(model, feeds)
+    before = sessions.run_ir_model(model, feeds)
     llmopt.run_pipeline(model, f"fold,cleanup,fuse,{pipeline},cleanup")
     assert any(n.op_type == "MatMulNBits" for n in model.graph)
     assert any(n.op_type == "GatherBlockQuantized" for n in model.graph)
-    after = verify.run_ir_model(model, feeds)
+    after = sessions.run_ir_model(model, feeds)
     for b, a in zip(before, after):
         assert verify.compare(b, a).cosine > 0.97
     errors = json.loads(model.metadata_props[QUANT_ERROR_KEY])
@@ -156,7 +157,7 @@ def test_gather_block_quantized_equals_dequantized_table(bits, symmetric, block,
     assert (len(node.inputs) == 3) == symmetric
     assert "embed" not in model.graph.initializers
     feeds = _ids_x(h)
-    got = verify.run_ir_model(model, [{"ids": feeds["ids"]}])[0]["y0"]
+    got = sessions.run_ir_model(model, [{"ids": feeds["ids"]}])[0]["y0"]
     np.testing.assert_allclose(got, _dequantized_table(table, bits, symmetric, block)[feeds["ids"]], rtol=1e-6, atol=1e-7)
     err = json.loads(model.metadata_props[QUANT_ERROR_KEY])
     assert list(err) == ["embed"]
@@ -171,7 +172,7 @@ def test_gather_block_quantized_equals_dequantized_table(bits, symmetric, block,
 def test_tied_embedding_shares_the_lm_head_table(tied, symmetric):
     model, table = _table_model(512, 64, tied=tied)
     feeds = _ids_x(64)
-    ref = verify.run_ir_model(model, [feeds])[0]
+    ref = sessions.run_ir_model(model, [feeds])[0]
     p = get_pass("weight-only")(symmetric=symmetric)
     assert p(model).modified
     assert dict(p.counters) == {"matmul": 1, "rtn": 1, "gather": 1, "gather_shared": 1}
@@ -181,7 +182,7 @@ def test_tied_embedding_shares_the_lm_head_table(tied, symmetric):
     assert gbq.inputs[0] is mm.inputs[1]  # one int4 table, read by both
     assert gbq.attributes["quantize_axis"].value == 2
     assert not {"embed", "lm_head_w"} & set(model.graph.initializers)  # float table(s) dropped, Transpose gone
-    out = verify.run_ir_model(model, [feeds])[0]
+    out = sessions.run_ir_model(model, [feeds])[0]
     np.testing.assert_allclose(out["y0"], _dequantized_table(table, 4, symmetric, 32)[feeds["ids"]], rtol=1e-6, atol=1e-7)
     assert verify.compare({"logits": ref["y1"]}, {"logits": out["y1"]}).cosine > 0.99
     # the table is stored once: int4 data + the lm_head's scales (+ zero points) + the Gather's copy of them
@@ -195,12 +196,12 @@ def test_tied_embedding_shares_the_lm_head_table(tied, symmetric):
 def test_tied_embedding_with_a_float_lm_head_keeps_the_float_table():
     model, table = _table_model(512, 64, tied="transpose")
     feeds = _ids_x(64)
-    ref = verify.run_ir_model(model, [feeds])[0]
+    ref = sessions.run_ir_model(model, [feeds])[0]
     p = get_pass("weight-only")(exclude=("lm_head",))
     assert p(model).modified and dict(p.counters) == {"excluded": 1, "gather": 1}
     assert sorted(n.op_type for n in model.graph) == ["GatherBlockQuantized", "MatMul", "Transpose"]
     assert "embed" in model.graph.initializers  # the lm_head still reads it
-    out = verify.run_ir_model(model, [feeds])[0]
+    out = sessions.run_ir_model(model, [feeds])[0]
     np.testing.assert_array_equal(out["y1"], ref["y1"])
     np.testing.assert_allclose(out["y0"], _dequantized_table(table, 4, False, 32)[feeds["ids"]], rtol=1e-6, atol=1e-7)
 
@@ -229,14 +230,14 @@ def test_real_export_embeddings_keep_logits_and_shrink(exported, arch):
     (embed,) = [n.inputs[0].name for n in src.graph if n.op_type == "Gather" and n.inputs[0].is_initializer()]
     table_bytes = src.graph.initializers[embed].const_value.nbytes
     fused = model_io.save(src, Path(tempfile.mkdtemp()) / "fused.onnx")
-    before = verify.run_ir_model(src, feeds)
+    before = sessions.run_ir_model(src, feeds)
     results = {}
     for pipeline in ["weight-only{gather=false}", "weight-only", "weight-only{bits=8}"]:
         model = llmopt.load(fused)
         floats = _float_weights(model)
         res = llmopt.run_pipeline(model, f"{pipeline},cleanup")
         rec = next(r for r in res.records if r.name == "weight-only")
-        figs = verify.worst([verify.compare(b, a) for b, a in zip(before, verify.run_ir_model(model, feeds))])
+        figs = verify.worst([verify.compare(b, a) for b, a in zip(before, sessions.run_ir_model(model, feeds))])
         errors = json.loads(model.metadata_props[QUANT_ERROR_KEY])
         # one entry per quantized float weight: the ones the pass replaced (with gather=false, gemma's
         # lm_head is quantized but its table stays in float for the Gather)

@@ -200,7 +200,7 @@ def bench(
     settings = BenchSettings(prompt_len=prompt_len, new_tokens=new_tokens, batches=sizes, repeats=repeats, threads=threads)
     if plot is not None:
         from llmopt.compiler import preflight
-        from llmopt.core import model_io, graph_util
+        from llmopt.core import model_io
 
         models = [artifact] + ([baseline] if baseline is not None else [])
         preflight.check([("model", f) for m in models for f in model_io.model_files(m)], [preflight.Output("--plot", plot)])

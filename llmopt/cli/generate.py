@@ -24,7 +24,7 @@ def parse_ids(items: list[str]) -> list[list[int]]:
 
 def run_generate(artifact: Path, prompts: list[str], prompt_ids: list[str], max_new_tokens: int, greedy: bool,
                  temperature: float, top_k: int, top_p: float, seed: int, threads: int | None, as_json: bool) -> dict:
-    from llmopt.core import model_io, graph_util
+    from llmopt.core import model_io
     from llmopt.ort.generation import Generator, Sampling
 
     if bool(prompts) == bool(prompt_ids):

@@ -23,6 +23,7 @@ from llmopt.core import model_io, graph_util
 from llmopt.core import atomic
 from llmopt.compiler import genai, preflight
 from llmopt.ort import machine, verify
+from llmopt.ort import sessions
 from llmopt.ort.calibration import SOURCE_DIR_KEY
 from llmopt.errors import InputError, VerificationError
 from llmopt.compiler.gates import GateError, Gates
@@ -373,8 +374,8 @@ def _measure(report, src_model, src_file, compiled_file, tgt, eval_text, eval_to
              measure_speed, speed_pairs, progress) -> None:
     from llmopt.ort import timing
 
-    src_sess = verify.make_session(src_file, threads=2)
-    out_sess = verify.make_session(compiled_file, tgt.verify_providers, threads=2)
+    src_sess = sessions.make_session(src_file, threads=2)
+    out_sess = sessions.make_session(compiled_file, tgt.verify_providers, threads=2)
     if measure_speed:
         _log(progress, f"speed   single-token latency, source vs compiled, {speed_pairs} alternating pairs")
         if verify.has_past_inputs(src_model) or not report.get("kv_cache"):

@@ -108,7 +108,6 @@ def genai_config(model: ir.Model, cfg: dict[str, Any], provider: str, filename: 
 
 def _vocab(model: ir.Model, cfg: dict[str, Any]) -> int | None:
     from llmopt.ort.verify import vocab_size
-
     try:
         return vocab_size(model)
     except Exception:  # noqa: BLE001 - a graph without logits/embedding: fall back to the config

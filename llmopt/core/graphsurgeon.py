@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 from llmopt.errors import MissingDependencyError, PipelineError
 from llmopt.core.pass_base import NoOptions, Pass
 

@@ -18,9 +18,10 @@ from typing import Any, Callable, Iterable
 
 import onnx_ir as ir
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import graph_util
 from llmopt.core import registry
 from llmopt.ort import verify
+from llmopt.ort import sessions
 from llmopt.errors import LlmoptError, PipelineError, PluginError, VerificationError, first_line
 from llmopt.core.pass_base import Pass, make_options
 from llmopt.core.pipeline import FixedPoint, Item, PassSpec, Pipeline
@@ -75,13 +76,13 @@ class _Numerics:
 
     def outputs(self, model: ir.Model, where: str, error: type[LlmoptError] = VerificationError) -> list[dict]:
         try:
-            with verify.saved(model) as path:
+            with sessions.saved(model) as path:
                 try:
                     verify.check_onnx(path)
                 except Exception as exc:  # onnx.checker.ValidationError and friends
                     raise error(f"{where} produced an invalid model (ONNX checker: {first_line(exc)})") from None
                 try:
-                    return verify.run_path(path, self.feeds)
+                    return sessions.run_path(path, self.feeds)
                 except Exception as exc:  # ORT refuses to load or run it
                     raise error(f"{where} produced a model ONNX Runtime cannot run: {first_line(exc)}") from None
         except LlmoptError:
@@ -99,7 +100,7 @@ class _VerifyEach(_Numerics):
 
     def __init__(self, model: ir.Model, thresholds: verify.Thresholds):
         super().__init__(model, thresholds)
-        self.reference = verify.run_ir_model(model, self.feeds)
+        self.reference = sessions.run_ir_model(model, self.feeds)
 
     def check(self, model: ir.Model, record: PassRecord, index: int) -> None:
         where = f"pass #{index} '{record.name}'"
@@ -118,7 +119,7 @@ class _PluginGuard(_Numerics):
     def before(self, model: ir.Model) -> list[dict] | None:
         self.signature = _signature(model)
         try:
-            return verify.run_ir_model(model, self.feeds)
+            return sessions.run_ir_model(model, self.feeds)
         except Exception:  # e.g. a graph only another provider runs: numerics cannot be compared here
             return None
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from llmopt.core import atomic
 from llmopt.frontend import export_cache
 from llmopt.compiler import preflight
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 from llmopt.compiler.genai import TOKENIZER_FILES
 from llmopt.errors import InputError, MissingDependencyError, OutputError, first_line
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 from llmopt.ort import machine
 from llmopt.core.atomic import write_atomic
 from llmopt.errors import InputError

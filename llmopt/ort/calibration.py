@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmopt.core import atomic
-from llmopt.core import model_io, graph_util
+from llmopt.core import model_io
 from llmopt.errors import InputError
 
 BUILTIN = "builtin"  # the reference model's own calibration text (training chapters of the KJV)
@@ -168,7 +168,6 @@ def token_batches(source, model_dir: Path | None, seq_len: int = 128, samples: i
 def model_batches(model: ir.Model, source, seq_len: int, samples: int) -> list[np.ndarray]:
     """``token_batches`` for ``model``: its vocabulary, and the tokenizer where compile found its source."""
     from llmopt.ort.verify import vocab_size
-
     source_dir = model.metadata_props.get(SOURCE_DIR_KEY)
     return token_batches(source, Path(source_dir) if source_dir else None, seq_len, samples, vocab_size(model))
 
@@ -194,7 +193,7 @@ def collect(model: ir.Model, values: Sequence[str], batches: Iterable[np.ndarray
             make_observers) -> dict[str, list]:
     """Run ``model`` (saved to a temporary directory) over ``batches`` and feed every requested
     intermediate value to its observers; ``make_observers(name)`` returns a list of observers."""
-    from llmopt.ort import verify
+    from llmopt.ort import sessions
     from llmopt.ort.perplexity import prefill_feeds
 
     observers = {name: make_observers(name) for name in values}
@@ -213,7 +212,7 @@ def collect(model: ir.Model, values: Sequence[str], batches: Iterable[np.ndarray
         finally:
             model.graph.outputs.clear()
             model.graph.outputs.extend(saved)
-        session = verify.make_session(path)
+        session = sessions.make_session(path)
         inputs = {i.name: i for i in session.get_inputs()}
         for ids in batches:
             outs = session.run(list(values), prefill_feeds(inputs, ids))

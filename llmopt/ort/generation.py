@@ -76,15 +76,15 @@ class Generator:
                  providers: Sequence[str] = ("CPUExecutionProvider",), buffer: str | None = None, naive: bool = False):
         """``naive=True`` is the loop people write first (the baseline `llmopt bench` compares with):
         numpy in and out every step, the cache copied out of ONNX Runtime and back in."""
-        from llmopt.core import model_io, graph_util
-        from llmopt.ort import verify
+        from llmopt.core import model_io
+        from llmopt.ort import sessions
 
         path = model_io.resolve_model_file(model)
         self.path = path
         self.naive = naive
         self.last_cache_bytes = 0
         t0 = time.perf_counter()
-        self.session = verify.make_session(path, providers=providers, threads=threads)
+        self.session = sessions.make_session(path, providers=providers, threads=threads)
         self.load_seconds = time.perf_counter() - t0
         self.device = "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -250,7 +250,7 @@ def greedy_by_recompute(model: str | os.PathLike, prompt: Sequence[int], max_new
     import onnx_ir as ir
 
     from llmopt.core import model_io, graph_util
-    from llmopt.ort import verify
+    from llmopt.ort import sessions
 
     path = model_io.resolve_model_file(model)
     pasts = {}
@@ -258,7 +258,7 @@ def greedy_by_recompute(model: str | os.PathLike, prompt: Sequence[int], max_new
         if _PAST.match(v.name):
             kv_heads, head_dim = graph_util.cache_dims(v)
             pasts[v.name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float16 if v.dtype == ir.DataType.FLOAT16 else np.float32)
-    session = verify.make_session(path, threads=threads)
+    session = sessions.make_session(path, threads=threads)
     names = {i.name for i in session.get_inputs()}
     seq = list(prompt)
     for _ in range(max_new_tokens):

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from llmopt.ort import verify
+
+from llmopt.ort import sessions
 from llmopt.errors import InputError
 from llmopt.compiler.preflight import check_text
 
@@ -57,7 +59,7 @@ def perplexity(session, token_ids: np.ndarray, window: int = 128, batch: int = 8
     for start in range(0, len(windows), batch):
         chunk = windows[start : start + batch]
         feeds = prefill_feeds(inputs, chunk)
-        logits = verify.run(session, feeds)[verify.logits_name(o.name for o in session.get_outputs())]
+        logits = sessions.run(session, feeds)[verify.logits_name(o.name for o in session.get_outputs())]
         logits = logits[:, :-1].astype(np.float64)
         targets = chunk[:, 1:]
         m = logits.max(-1, keepdims=True)

@@ -10,6 +10,8 @@ import numpy as np
 
 from llmopt.ort import verify
 
+from llmopt.ort import sessions
+
 
 def decode_feeds(model, past: int = 128, batch: int = 1) -> dict[str, np.ndarray]:
     """One new token after ``past`` cached tokens (or a 1-token call for cache-less models)."""
@@ -55,5 +57,5 @@ def compare_sessions_feeds(sess_a, feeds_a, sess_b, feeds_b, pairs: int = 20, wa
     """Like compare_sessions, with each session's own inputs."""
     names_a = [o.name for o in sess_a.get_outputs()]
     names_b = [o.name for o in sess_b.get_outputs()]
-    fa, fb = verify.feeds_for(sess_a, feeds_a), verify.feeds_for(sess_b, feeds_b)
+    fa, fb = sessions.feeds_for(sess_a, feeds_a), sessions.feeds_for(sess_b, feeds_b)
     return alternate(lambda: sess_a.run(names_a, fa), lambda: sess_b.run(names_b, fb), pairs, warmup)

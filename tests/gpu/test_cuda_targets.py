@@ -11,6 +11,7 @@ import pytest
 
 import llmopt
 from llmopt.ort import perplexity as pplx
+from llmopt.ort import sessions
 from llmopt.ort import verify
 from llmopt.frontend.exporter import reference_model_dir
 from llmopt.ort.generation import Generator
@@ -36,8 +37,8 @@ def artifact(request, tmp_path_factory):
 def test_runs_on_cuda_like_on_cpu(artifact):
     model = llmopt.load(artifact.model_path)
     feeds = [verify.sample_inputs(model, s, i) for i, s in enumerate(verify.default_shapes(True))]
-    cpu = verify.run_path(artifact.model_path, feeds)
-    gpu = verify.run_path(artifact.model_path, feeds, providers=CUDA)
+    cpu = sessions.run_path(artifact.model_path, feeds)
+    gpu = sessions.run_path(artifact.model_path, feeds, providers=CUDA)
     figs = verify.worst([verify.compare(c, g) for c, g in zip(cpu, gpu)])
     assert figs.cosine > 0.999 and figs.top1 > 0.95, figs.as_dict()
 
@@ -45,7 +46,7 @@ def test_runs_on_cuda_like_on_cpu(artifact):
 def test_perplexity_on_cuda_within_budget(artifact):
     ref = reference_model_dir()
     ids = pplx.tokenize_file(pplx.load_tokenizer(ref), ref / "eval.txt", 2048)
-    gpu = pplx.perplexity(verify.make_session(artifact.model_path, CUDA), ids)["perplexity"]
+    gpu = pplx.perplexity(sessions.make_session(artifact.model_path, CUDA), ids)["perplexity"]
     source = artifact.report["accuracy"]["source_perplexity"]
     assert gpu / source - 1 < 0.01
 
