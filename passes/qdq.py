@@ -24,10 +24,14 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.passes.quantize_dynamic import QuantizeDynamic, dense_error, is_matmul
-from llmopt.core.pass_base import option
-from llmopt.quant.spec import CALIBRATION_METHODS, QuantSpec
+from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass
+from llmopt.errors import PipelineError
+from llmopt.quant import lower
+from llmopt.quant.edit import QuantEdit
+from llmopt.quant.sites import linear_site
+from llmopt.quant.spec import CALIBRATION_METHODS, QuantSpec
+from llmopt.quant.tensor import quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +47,7 @@ class QDQOptions:
     min_elements: int = option(4096, "leave weights with fewer elements in float")
     exclude: tuple[str, ...] = option((), "node or weight name patterns to leave in float (fnmatch, ';'-separated)")
 
-    matmul = True
-    kernel = "qdq"
-
     def __post_init__(self):
-        from llmopt.errors import PipelineError
-
         if self.activations not in ("int8", "uint8"):
             raise PipelineError(f"qdq: activations must be int8 or uint8, got {self.activations!r}")
         if self.method not in CALIBRATION_METHODS:
@@ -66,67 +65,52 @@ class QDQOptions:
 
 
 @register_pass
-class QDQ(QuantizeDynamic):
+class QDQ(Pass):
     name = "qdq"
     summary = "Static int8 QDQ: weights quantized offline per channel, activations calibrated on text."
     Options = QDQOptions
 
     def run(self, model: ir.Model) -> bool:
+        o, edit = self.options, QuantEdit(self, model)
+        ranges = self._ranges(model)
+        dq_of: dict[str, ir.Value] = {}  # one Q/DQ pair per activation, shared by its MatMuls
+        for site in edit.linear_sites(o.min_elements, o.exclude):
+            a = site.activation
+            if a.name not in dq_of:
+                dq_of[a.name] = self._quantize_activation(edit, a, ranges[a.name])
+            w = site.weight_array()
+            qt = quantize(w, o.weight_spec)
+            edit.record(site.name, qt, w, site.node)
+            edit.replace_site(site, lower.qdq_matmul(edit, site, qt, dq_of[a.name]))
+        if o.gather:
+            for node, table in edit.tables(o.min_elements, o.exclude):
+                w = table.const_value.numpy()
+                qt = quantize(w, QuantSpec("int8", granularity="channel", axis=0))
+                edit.record(table.name, qt, w, node)
+                edit.replace_node(node, lower.gather_rows(edit, node, table, qt))
+                self.count("gather")
+        return edit.finish()
 
+    def _ranges(self, model: ir.Model) -> dict[str, tuple[float, float]]:
+        """Each quantized MatMul input's calibrated range (``method`` over a streaming histogram)."""
         from llmopt.ort import calibration
 
-        inputs = sorted({n.inputs[0].name for n in model.graph if is_matmul(n) and n.inputs[0] is not None
-                         and self._constant_weight(n.inputs[1]) and not self._excluded(n.name)})
-        batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
+        o, spec = self.options, self.options.activation_spec
+        sites = [linear_site(n, o.min_elements, o.exclude, fold_bias=False) for n in model.graph]
+        inputs = sorted({s.activation.name for s in sites if not isinstance(s, (str, type(None))) and s.activation is not None})
+        batches = calibration.model_batches(model, o.calibration, o.seq_len, o.samples)
         obs = calibration.collect(model, inputs, batches, lambda _: [calibration.Histogram()])
-        spec = self.options.activation_spec
-        self._ranges = {name: o[0].range(spec.calibration, spec.percentile) for name, o in obs.items()}
-        self._qdq_of: dict[str, ir.Value] = {}
         self.count("calibration_sequences", len(batches))
-        return super().run(model)
+        return {name: ob[0].range(spec.calibration, spec.percentile) for name, ob in obs.items()}
 
-    def _activation(self, a: ir.Value) -> ir.Value:
-        """One QuantizeLinear → DequantizeLinear per activation value, shared by its MatMuls."""
-        if a.name in self._qdq_of:
-            return self._qdq_of[a.name]
+    def _quantize_activation(self, edit: QuantEdit, a: ir.Value, lo_hi: tuple[float, float]) -> ir.Value:
         spec = self.options.activation_spec
-        lo, hi = self._ranges[a.name]
-        scale, zero = spec.scale_zero_point(np.array(lo), np.array(hi))
-        zdtype = np.int8 if spec.dtype == "int8" else np.uint8
-        s = self._initializer(f"{a.name}_scale", np.array(scale, np.float32))
-        z = self._initializer(f"{a.name}_zero_point", np.array(zero, zdtype))
-        q = ir.node("QuantizeLinear", [a, s, z], name=f"{a.name}_quantize")
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{a.name}_dequantize")
-        dq.outputs[0].shape, dq.outputs[0].type = a.shape, a.type
+        scale, zero = spec.scale_zero_point(np.array(lo_hi[0]), np.array(lo_hi[1]))
+        nodes = lower.quantize_dequantize(edit, a, scale, zero, np.int8 if spec.dtype == "int8" else np.uint8)
         producer = a.producer()
         if producer is not None:
-            self._graph.insert_after(producer, [q, dq])
+            edit.graph.insert_after(producer, nodes)
         else:
-            self._graph.insert_before(next(iter(self._graph)), [q, dq])
-        self._qdq_of[a.name] = dq.outputs[0]
+            edit.graph.insert_before(next(iter(edit.graph)), nodes)
         self.count("activations")
-        return dq.outputs[0]
-
-    def _lower(self, node: ir.Node, a: ir.Value, w: np.ndarray, bias: ir.Value | None, alpha: float, base: str):
-        if a.name not in self._ranges:  # an activation calibration did not see (excluded by name)
-            raise ValueError(f"qdq: no calibrated range for {a.name}")
-        spec = self.options.weight_spec
-        if spec.granularity == "channel":
-            lo, hi = w.min(axis=0), w.max(axis=0)
-        else:
-            lo, hi = np.array(w.min()), np.array(w.max())
-        scale, _ = spec.scale_zero_point(lo, hi)
-        scale = (scale * np.float32(alpha)).astype(np.float32)
-        q = np.clip(np.rint(w * np.float32(alpha) / scale), -127, 127).astype(np.int8)
-        if alpha:
-            self._record_error(base, dense_error(w, q, scale / np.float32(alpha)), 8, "rtn", None, node)
-        wq = self._initializer(f"{base}_int8", q)
-        ws = self._initializer(f"{base}_scale", scale)
-        wz = self._initializer(f"{base}_zero_point", np.zeros(scale.shape, np.int8))
-        attrs = {"axis": 1} if spec.granularity == "channel" else {}
-        wdq = ir.node("DequantizeLinear", [wq, ws, wz], attributes=attrs, name=f"{base}_dequantize")
-        mm = ir.node("MatMul", [self._activation(a), wdq.outputs[0]], name=f"{node.name or 'matmul'}_qdq")
-        if bias is None:
-            return [wdq, mm]
-        add = ir.node("Add", [mm.outputs[0], bias], name=f"{node.name or 'matmul'}_bias")
-        return [wdq, mm, add]
+        return nodes[-1].outputs[0]

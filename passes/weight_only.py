@@ -51,11 +51,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.core import graph_util
-from llmopt.passes.quantize_dynamic import MS_DOMAIN, QuantizeDynamic, block_error, blocks, is_matmul
-from llmopt.core.pass_base import option
-from llmopt.quant.spec import QuantSpec
+from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass
+from llmopt.errors import InputError, PipelineError
+from llmopt.quant import lower
+from llmopt.quant.edit import QuantEdit
+from llmopt.quant.sites import embedding_table, is_linear, linear_site
+from llmopt.quant.spec import QuantSpec
+from llmopt.quant.tensor import quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +77,7 @@ class WeightOnlyOptions:
     min_elements: int = option(4096, "leave weights with fewer elements in float")
     exclude: tuple[str, ...] = option((), "node or weight name patterns to leave in float (fnmatch, ';'-separated)")
 
-    # what quantize-dynamic's shared code reads
-    matmul = True
-    per_channel = True
-    kernel = "nbits"
-
     def __post_init__(self):
-        from llmopt.errors import PipelineError
-
         if self.bits not in (4, 8):
             raise PipelineError(f"weight-only: bits must be 4 or 8, got {self.bits}")
         if self.method not in ("rtn", "gptq", "auto"):
@@ -94,120 +90,85 @@ class WeightOnlyOptions:
 
     @property
     def spec(self) -> QuantSpec:
-        dtype = {4: "uint4", 8: "uint8"}[self.bits]
-        return QuantSpec(dtype=dtype, symmetric=self.symmetric, granularity="block", block_size=self.block_size)
+        return QuantSpec(dtype=f"uint{self.bits}", symmetric=self.symmetric, granularity="block", block_size=self.block_size)
 
 
 @register_pass
-class WeightOnly(QuantizeDynamic):
+class WeightOnly(Pass):
     name = "weight-only"
     summary = "Blockwise int4/int8 weights (RTN or GPTQ) lowered to MatMulNBits; activations stay float."
     Options = WeightOnlyOptions
 
     def run(self, model: ir.Model) -> bool:
-        from llmopt.errors import InputError
+        o, edit = self.options, QuantEdit(self, model)
+        hessians = self._hessians(model) if o.method in ("gptq", "auto") else {}
+        # [K, N] shapes of embedding tables: an lm_head of that shape may hold a tied table's bytes
+        tables = {tuple(t.const_value.shape)[::-1] for _, t in _tables(model, o)}
+        shareable: dict[bytes, ir.Value] = {}  # MatMulNBits weights by content (see the docstring)
+        for site in edit.linear_sites(o.min_elements, o.exclude):
+            w = site.weight_array()
+            qt = quantize(w, o.spec, hessians.get(site.activation.name), o.damp)
+            self.count(qt.method)
+            edit.record(site.name, qt, w, site.node)
+            packed = lower.pack_nbits(qt.q, qt.zero, o.bits, o.symmetric)
+            b = edit.initializer(f"{site.name}_q{o.bits}", packed[0])
+            if qt.method == "rtn" and site.alpha == 1.0 and w.shape[0] % o.block_size == 0 and w.shape in tables:
+                shareable[_digest(packed[0], qt.scale, packed[1])] = b
+            edit.replace_site(site, lower.matmul_nbits(edit, site, qt, o.accuracy_level, packed, b))
+        if o.gather:
+            for node, table in edit.tables(o.min_elements, o.exclude):
+                self._gather(edit, node, table, shareable)
+        return edit.finish()
 
-        self._hessians: dict[str, np.ndarray] = {}
-        # lm_head weights a tied embedding table may share: [K, N] shapes of the tables, and the
-        # MatMulNBits weights of that shape by content (see _lower and _gather).
-        self._table_shapes = {tuple(n.inputs[0].const_value.shape)[::-1] for n in model.graph
-                              if n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.inputs[0] is not None
-                              and n.inputs[0].is_initializer() and n.inputs[0].const_value is not None}
-        self._shareable: dict[bytes, ir.Value] = {}
-        if self.options.method in ("gptq", "auto"):
-            try:
-                self._calibrate(model)
-            except InputError as exc:
-                if self.options.method == "gptq":
-                    raise
-                self.warn(f"no calibration data ({exc}); rounded to nearest instead of GPTQ")
-        return super().run(model)
-
-    def _calibrate(self, model: ir.Model) -> None:
-
+    def _hessians(self, model: ir.Model) -> dict[str, np.ndarray]:
+        """Each MatMul input's ``XᵀX`` over calibration text (GPTQ), or {} with a warning for ``auto``."""
         from llmopt.ort import calibration
 
-        inputs = sorted({n.inputs[0].name for n in model.graph if is_matmul(n)
-                         and n.inputs[0] is not None and self._constant_weight(n.inputs[1])})
-        batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
+        o = self.options
+        inputs = sorted({n.inputs[0].name for n in model.graph if is_linear(n) and n.inputs[0] is not None
+                         and not isinstance(linear_site(n, o.min_elements, fold_bias=False), (str, type(None)))})
+        try:
+            batches = calibration.model_batches(model, o.calibration, o.seq_len, o.samples)
+        except InputError as exc:
+            if o.method == "gptq":
+                raise
+            self.warn(f"no calibration data ({exc}); rounded to nearest instead of GPTQ")
+            return {}
         obs = calibration.collect(model, inputs, batches, lambda _: [calibration.Gram()])
-        self._hessians = {name: o[0].xtx for name, o in obs.items()}
         self.count("calibration_sequences", len(batches))
+        return {name: ob[0].xtx for name, ob in obs.items()}
 
-    def _lower(self, node: ir.Node, a: ir.Value, w: np.ndarray, bias: ir.Value | None, alpha: float, base: str) -> ir.Node:
+    def _gather(self, edit: QuantEdit, node: ir.Node, table: ir.Value, shareable: dict) -> None:
+        """``Gather(E, ids)`` → ``GatherBlockQuantized`` (blocks along the hidden axis, round to
+        nearest), reading a tied lm_head's weight when its bytes are the same; or int8 rows."""
         o = self.options
-        k, n = w.shape
-        h = self._hessians.get(a.name)
-        method = "gptq" if h is not None else "rtn"
-        if h is not None:
-            q, scale, zero = gptq(w, h, o.spec, o.damp)
-        else:
-            q, scale, zero = quantize_blocks(w, o.spec)
-        self.count(method)
-        self._record_error(base, block_error(w, q, scale, zero, o.block_size), o.bits, method, o.block_size, node)
-        packed, zp = pack_nbits(q, zero, o.bits, symmetric=o.symmetric)
-        del q
-        b = self._initializer(f"{base}_q{o.bits}", packed)
-        if method == "rtn" and alpha == 1.0 and k % o.block_size == 0 and (k, n) in self._table_shapes:
-            self._shareable[_digest(packed, scale, zp)] = b  # a tied embedding table may read it
-        inputs = [a, b, self._initializer(f"{base}_scales", (scale * np.float32(alpha)).reshape(-1).astype(np.float32))]
-        if zp is not None:
-            inputs.append(self._initializer(f"{base}_zero_points", zp))
-        if bias is not None:
-            inputs += [None] * (4 - len(inputs)) + [None, bias]  # zero points slot, g_idx, then the bias
-        return ir.node("MatMulNBits", inputs, domain=MS_DOMAIN, name=f"{node.name or 'matmul'}_q{o.bits}",
-                       attributes={"K": k, "N": n, "bits": o.bits, "block_size": o.block_size,
-                                   "accuracy_level": o.accuracy_level})
-
-    def _gather(self, node: ir.Node) -> bool:
-        """``Gather(E, ids)`` → ``GatherBlockQuantized`` (blocks along the hidden axis, round to nearest)."""
-        o = self.options
+        w = table.const_value.numpy()  # one tensor, memory-mapped
         if o.gather_kernel == "rows":
-            return super()._gather(node)
-        weight = self._embedding_table(node)
-        if weight is None:
-            return False
-        v, h = weight.const_value.shape
-        if h * o.bits % 8:
-            self.count("skipped.gather_odd_hidden")
-            return False
-        ids, out = node.inputs[1], node.outputs[0]
-        table = weight.const_value.numpy()  # one tensor, memory-mapped
-        q, scale, zero = quantize_blocks(table.T, o.spec)  # blocks of each row: [V, n_blocks, block]
-        self._record_error(weight.name, block_error(table.T, q, scale, zero, o.block_size), o.bits, "rtn",
-                           o.block_size, node)
-        del table
-        nb = q.shape[1]
-        packed, zp = pack_nbits(q.reshape(v, -1)[:, :h], zero, o.bits, symmetric=o.symmetric)  # [V, H*bits/8]
-        del q
-        shared = None
-        if h % o.block_size == 0 and ids.shape is not None:
-            shared = self._shareable.get(_digest(packed, scale, zp))
-        base = weight.name or "embedding"
-        attrs = {"gather_axis": 0, "block_size": o.block_size, "bits": o.bits}
-        if shared is None:  # its own table
-            inputs = [self._initializer(f"{base}_gq{o.bits}", packed), ids,
-                      self._initializer(f"{base}_gather_scales", scale.astype(np.float32))]
-            if zp is not None:
-                inputs.append(self._initializer(f"{base}_gather_zero_points", zp))
-            gbq = ir.node("GatherBlockQuantized", inputs, domain=MS_DOMAIN, name=f"{node.name or 'gather'}_q{o.bits}",
-                          attributes={**attrs, "quantize_axis": 1})
-            new = [gbq]
-        else:  # the lm_head's MatMulNBits weight [V, n_blocks, block*bits/8]: one block per innermost row
-            inputs = [shared, ids, self._initializer(f"{base}_gather_scales", scale.reshape(v, nb, 1).astype(np.float32))]
-            if zp is not None:  # one zero point a byte along the (single-block) quantize axis
-                inputs.append(self._initializer(f"{base}_gather_zero_points", zero.astype(np.uint8).reshape(v, nb, 1)))
-            gbq = ir.node("GatherBlockQuantized", inputs, domain=MS_DOMAIN, name=f"{node.name or 'gather'}_q{o.bits}",
-                          attributes={**attrs, "quantize_axis": 2})
-            shape = self._initializer(f"{base}_gather_shape", np.array([0] * len(ids.shape) + [h], np.int64))
-            new = [gbq, ir.node("Reshape", [gbq.outputs[0], shape], name=f"{node.name or 'gather'}_rows")]
-            self.count("gather_shared")
-        new[-1].outputs[0].shape, new[-1].outputs[0].type = out.shape, out.type
-        self._graph.insert_before(node, new)
-        graph_util.replace_value(out, new[-1].outputs[0])
-        self._graph.remove(node, safe=True)
+            qt = quantize(w, QuantSpec("int8", granularity="channel", axis=0))
+            edit.record(table.name, qt, w, node)
+            edit.replace_node(node, lower.gather_rows(edit, node, table, qt))
+        else:
+            v, h = w.shape
+            if h * o.bits % 8:
+                self.count("skipped.gather_odd_hidden")
+                return
+            qt = quantize(w.T, o.spec)  # blocks of each row: [V, n_blocks, block]
+            edit.record(table.name, qt, w.T, node)
+            packed = lower.pack_nbits(qt.q.reshape(v, -1)[:, :h], qt.zero, o.bits, o.symmetric)  # [V, H*bits/8]
+            shared = None
+            if h % o.block_size == 0 and node.inputs[1].shape is not None:
+                shared = shareable.get(_digest(packed[0], qt.scale, packed[1]))
+            edit.replace_node(node, lower.gather_block_quantized(edit, node, table, qt, packed, shared))
+            if shared is not None:
+                self.count("gather_shared")
         self.count("gather")
-        return True
+
+
+def _tables(model: ir.Model, o: WeightOnlyOptions):
+    for node in model.graph:
+        t = embedding_table(node, o.min_elements) if o.gather else None
+        if isinstance(t, ir.Value):
+            yield node, t
 
 
 def _digest(packed: np.ndarray, scale: np.ndarray, zp: np.ndarray | None) -> bytes:
@@ -218,62 +179,3 @@ def _digest(packed: np.ndarray, scale: np.ndarray, zp: np.ndarray | None) -> byt
             h.update(str(a.size).encode())
             h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
     return h.digest()
-
-
-def quantize_blocks(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round to nearest: integers [N, n_blocks, block], scales and zero points [N, n_blocks]."""
-    b = blocks(w, spec.block_size)
-    scale, zero = spec.scale_zero_point(b.min(axis=-1), b.max(axis=-1))
-    q = spec.quantize(b, scale[..., None], zero[..., None])
-    return q, scale, zero
-
-
-def gptq(w: np.ndarray, xtx: np.ndarray, spec: QuantSpec, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GPTQ over ``w`` [K, N] with input Hessian ``xtx`` [K, K]; block scales set from the
-    error-updated weights when each block starts (the "static groups" off variant)."""
-    k, n = w.shape
-    bs = spec.block_size
-    W = w.T.astype(np.float64).copy()  # [N, K]: rows are output channels, columns input rows of w
-    H = xtx.astype(np.float64).copy()
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper triangular
-    nb = -(-k // bs)
-    q = np.zeros((n, nb * bs), dtype=np.int32)
-    scale = np.ones((n, nb), dtype=np.float32)
-    zero = np.zeros((n, nb), dtype=np.int32)
-    for j0 in range(0, k, bs):
-        j1 = min(j0 + bs, k)
-        b = j0 // bs
-        s, z = spec.scale_zero_point(W[:, j0:j1].min(axis=1), W[:, j0:j1].max(axis=1))
-        scale[:, b], zero[:, b] = s, z
-        for j in range(j0, j1):
-            qj = spec.quantize(W[:, j], s, z)
-            dq = (qj - z) * s.astype(np.float64)
-            q[:, j] = qj
-            err = (W[:, j] - dq) / Hinv[j, j]
-            W[:, j + 1:] -= np.outer(err, Hinv[j, j + 1:])
-    if k % bs:  # padding rows quantize to the zero point
-        q[:, k:] = zero[:, -1:]
-    return q.reshape(n, nb, bs), scale, zero
-
-
-def pack_nbits(q: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """MatMulNBits layout: B uint8 [N, n_blocks, block*bits/8] (low nibble first for 4 bits);
-    zero points uint8 [N, ceil(n_blocks*bits/8)], or None when symmetric (the kernel's default
-    zero point, 2^(bits-1), is what ``QuantSpec`` uses for symmetric unsigned types)."""
-    q = q.astype(np.uint8)
-    if bits == 4:
-        packed = (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
-    else:
-        packed = q
-    if symmetric:
-        return np.ascontiguousarray(packed), None
-    z = zero.astype(np.uint8)
-    if bits == 4:
-        if z.shape[1] % 2:
-            z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
-        z = (z[:, 0::2] & 0x0F) | ((z[:, 1::2] & 0x0F) << 4)
-    return np.ascontiguousarray(packed), np.ascontiguousarray(z)

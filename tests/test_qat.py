@@ -8,9 +8,15 @@ import pytest
 
 import llmopt
 from llmopt.frontend import qat
-from llmopt.passes.weight_only import quantize_blocks
+from llmopt.quant.tensor import quantize
 from llmopt.quant.spec import QuantSpec
 
+
+
+def quantize_blocks(w, spec):
+    """Round to nearest on ``spec``'s blocks: ``q, scale, zero`` in MatMulNBits' layout."""
+    qt = quantize(w, spec)
+    return qt.q, qt.scale, qt.zero
 
 @pytest.mark.parametrize("bits, symmetric", [(4, False), (4, True), (8, False)])
 def test_fake_quant_is_the_weight_only_grid(bits, symmetric):

@@ -11,7 +11,22 @@ import llmopt
 from llmopt.ort import verify
 from llmopt.ort import sessions
 from llmopt.models.architectures import ARCHITECTURES
-from llmopt.passes.quantize_dynamic import block_error, dense_error, quantize_blockwise_u8, quantize_symmetric
+from llmopt.quant.error import block_error, dense_error
+from llmopt.quant.spec import QuantSpec
+from llmopt.quant.tensor import quantize
+
+
+def quantize_blockwise_u8(w, block):
+    """quantize-dynamic's nbits grid: symmetric uint8 blocks, MatMulNBits' data and flat scales."""
+    qt = quantize(w, QuantSpec("uint8", symmetric=True, granularity="block", block_size=block))
+    return qt.q.astype(np.uint8), qt.scale.reshape(-1)
+
+
+def quantize_symmetric(w, axis):
+    """int8 on -127..127, one scale per index of ``axis`` (None: per tensor)."""
+    spec = QuantSpec("int8", granularity="tensor" if axis is None else "channel", axis=axis or 0)
+    qt = quantize(w, spec)
+    return qt.signed, qt.scale
 from llmopt.quant.spec import QUANT_ERROR_KEY
 from llmopt.core.registry import get_pass
 
@@ -214,7 +229,7 @@ def test_error_helpers_match_the_dequantized_weights(monkeypatch):
         assert dense_error(w, q, scale) == pytest.approx(rel, rel=1e-6)
         assert 0 < rel < 0.02
         dense.append((q, scale, rel))
-    monkeypatch.setattr("llmopt.passes.quantize_dynamic._ERROR_CHUNK", 100)  # many chunks: the same figures
+    monkeypatch.setattr("llmopt.quant.error._ERROR_CHUNK", 100)  # many chunks: the same figures
     assert block_error(w, qb, sb, 128, 32) == pytest.approx(rel_block, rel=1e-6)
     for q, scale, rel in dense:
         assert dense_error(w, q, scale) == pytest.approx(rel, rel=1e-6)

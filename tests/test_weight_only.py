@@ -14,10 +14,17 @@ import llmopt
 from llmopt.core import model_io, graph_util
 from llmopt.ort import verify
 from llmopt.ort import sessions
-from llmopt.passes.weight_only import gptq, pack_nbits, quantize_blocks
+from llmopt.quant.lower import pack_nbits
+from llmopt.quant.tensor import gptq, quantize
 from llmopt.quant.spec import QUANT_ERROR_KEY, QuantSpec
 from llmopt.core.registry import get_pass
 
+
+
+def quantize_blocks(w, spec):
+    """Round to nearest on ``spec``'s blocks: ``q, scale, zero`` in MatMulNBits' layout."""
+    qt = quantize(w, spec)
+    return qt.q, qt.scale, qt.zero
 
 def _single_matmul(w: np.ndarray) -> ir.Model:
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, w.shape[0]]))

@@ -52,23 +52,28 @@ class QATSettings:
 
 
 def fake_quant(w, bits: int, block: int, symmetric: bool):
-    """``w`` [out, in] through the blockwise integer grid, straight-through gradient."""
+    """``w`` [out, in] through the blockwise integer grid of weight-only's ``QuantSpec`` (the same
+    levels, zero point and clipping, in torch for autograd), straight-through gradient."""
     import torch
 
+    from llmopt.quant.spec import QuantSpec
+
+    spec = QuantSpec(dtype=f"uint{bits}", symmetric=symmetric, granularity="block", block_size=block)
     out_f, in_f = w.shape
     pad = (-in_f) % block
     wp = torch.nn.functional.pad(w, (0, pad)).reshape(out_f, -1, block)
-    qmax = 2**bits - 1
     if symmetric:
         amax = wp.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8)
-        scale = amax / (qmax / 2)
-        zero = torch.full_like(scale, float((qmax + 1) // 2))
+        scale = amax / spec.levels
+        zero = torch.full_like(scale, float(spec.midpoint))
+        lo, hi = spec.midpoint - spec.levels, spec.midpoint + spec.levels
     else:
-        lo = wp.amin(dim=-1, keepdim=True).clamp_max(0)
-        hi = wp.amax(dim=-1, keepdim=True).clamp_min(0)
-        scale = ((hi - lo) / qmax).clamp_min(1e-8)
-        zero = torch.round(-lo / scale).clamp(0, qmax)
-    q = torch.clamp(torch.round(wp / scale) + zero, 0, qmax)
+        lo, hi = spec.qmin, spec.qmax
+        wmin = wp.amin(dim=-1, keepdim=True).clamp_max(0)
+        wmax = wp.amax(dim=-1, keepdim=True).clamp_min(0)
+        scale = ((wmax - wmin) / (hi - lo)).clamp_min(1e-8)
+        zero = torch.round(lo - wmin / scale).clamp(lo, hi)
+    q = torch.clamp(torch.round(wp / scale) + zero, lo, hi)
     deq = ((q - zero) * scale).reshape(out_f, -1)[:, :in_f]
     return w + (deq - w).detach()  # forward: quantized; backward: identity
 

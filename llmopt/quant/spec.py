@@ -3,6 +3,18 @@
 A ``QuantSpec`` is frozen and validates itself: the integer type, symmetric or with a zero point,
 the granularity (one scale per tensor, per channel along an axis, or per block of ``block_size``
 elements along the reduction axis), and for activations how the range is calibrated.
+
+It is the only integer arithmetic in llmopt, with one grid per spec:
+
+- symmetric: ``scale = amax / levels`` and ``q = zero ± levels``, where ``levels`` is half the
+  integer range rounded down (127 for 8 bits, 7 for 4 bits; 63 with ``reduce_range``, 7-bit
+  weights that no x86 integer kernel saturates) and ``zero`` is 0 for signed types and the
+  midpoint (128, 8) for unsigned ones, which is MatMulNBits' default zero point. ``amax`` lands on
+  an integer, so nothing is clipped;
+- asymmetric: ``scale = (hi - lo) / (qmax - qmin)`` over the range widened to hold 0, and a zero
+  point that makes 0 exact.
+
+``llmopt.quant.quantize`` applies a spec to a whole weight (round to nearest or GPTQ).
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ class QuantSpec:
     block_size: int = 128  # block: elements per scale along the reduction axis
     calibration: str = "minmax"  # activations only
     percentile: float = 99.99
+    reduce_range: bool = False  # symmetric only: half the levels (int8 -> -63..63, "7-bit")
 
     def __post_init__(self):
         if self.dtype not in _RANGE:
@@ -43,6 +56,8 @@ class QuantSpec:
             raise PipelineError(f"quant spec: calibration {self.calibration!r} is not one of {', '.join(CALIBRATION_METHODS)}")
         if not 50 < self.percentile <= 100:
             raise PipelineError(f"quant spec: percentile must be in (50, 100], got {self.percentile}")
+        if self.reduce_range and not self.symmetric:
+            raise PipelineError("quant spec: reduce_range needs a symmetric spec")
         if self.symmetric and self.dtype in ("uint8", "uint4") and self.granularity != "block":
             raise PipelineError(f"quant spec: symmetric {self.dtype} has no room for negative values; use int8/int4")
 
@@ -56,16 +71,26 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        return 4 if self.dtype.endswith("4") else 8
+        """Bits the integers really use (7 for a reduced-range int8 spec)."""
+        return (4 if self.dtype.endswith("4") else 8) - (1 if self.reduce_range else 0)
+
+    @property
+    def levels(self) -> int:
+        """Symmetric specs: the largest ``|q - zero|``."""
+        return (self.qmax - self.qmin) // 2 >> (1 if self.reduce_range else 0)
+
+    @property
+    def midpoint(self) -> int:
+        """The symmetric zero point: 0 for signed types, 128 / 8 for unsigned ones."""
+        return (self.qmax + self.qmin + 1) // 2
 
     def scale_zero_point(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point that map [lo, hi] (broadcastable arrays) onto the integer range."""
         lo = np.minimum(np.asarray(lo, np.float64), 0.0)
         hi = np.maximum(np.asarray(hi, np.float64), 0.0)
         if self.symmetric:
-            amax = np.maximum(np.abs(lo), np.abs(hi))
-            scale = amax / ((self.qmax - self.qmin) / 2)
-            zero = np.full_like(scale, (self.qmax + self.qmin + 1) // 2)  # 0 for int8/int4, 128/8 for unsigned
+            scale = np.maximum(np.abs(lo), np.abs(hi)) / self.levels
+            zero = np.full_like(scale, self.midpoint)
         else:
             scale = (hi - lo) / (self.qmax - self.qmin)
             zero = np.where(scale > 0, np.rint(self.qmin - lo / np.where(scale > 0, scale, 1)), 0)
@@ -74,4 +99,6 @@ class QuantSpec:
         return scale.astype(np.float32), zero.astype(np.int32)
 
     def quantize(self, x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(x / scale) + zero, self.qmin, self.qmax).astype(np.int32)
+        """Integers (zero point included, int32) of ``x`` on the grid ``scale``, ``zero`` (broadcast)."""
+        lo, hi = (self.midpoint - self.levels, self.midpoint + self.levels) if self.symmetric else (self.qmin, self.qmax)
+        return np.clip(np.rint(x / scale) + zero, lo, hi).astype(np.int32)

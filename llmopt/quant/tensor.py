@@ -1,0 +1,102 @@
+"""A quantized weight (``QTensor``) and the one way to make one: ``quantize(w, spec)``, round to
+nearest or GPTQ, for every granularity a ``QuantSpec`` names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from llmopt.quant.error import block_error, dense_error
+from llmopt.quant.spec import QuantSpec
+
+
+@dataclasses.dataclass
+class QTensor:
+    """Integers with their zero point added (int32), float32 scales and int32 zero points.
+
+    Layout by granularity, for a weight ``w`` [K, N] (reduction axis first, as a MatMul reads it):
+    ``block``: ``q`` [N, n_blocks, block] (MatMulNBits' order, K zero-padded), ``scale`` and
+    ``zero`` [N, n_blocks]; ``channel`` / ``tensor``: ``q`` shaped like ``w``, ``scale`` and
+    ``zero`` broadcastable against it (kept dimensions; 0-d per tensor)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    spec: QuantSpec
+    method: str = "rtn"  # or "gptq"
+
+    @property
+    def signed(self) -> np.ndarray:
+        """``q - zero`` as int8 (symmetric 8-bit specs: what DynamicQuantizeMatMul and QDQ store)."""
+        return (self.q - self.zero).astype(np.int8)
+
+    def error(self, w: np.ndarray) -> float:
+        """Relative RMS error ``‖deq − w‖ / ‖w‖``, in bounded chunks."""
+        if self.spec.granularity == "block":
+            return block_error(w, self.q, self.scale, self.zero, self.spec.block_size)
+        return dense_error(w, self.q, self.scale, self.zero)
+
+
+def blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """``w`` [K, N] → [N, n_blocks, block], zero-padded along K: MatMulNBits' block layout."""
+    k, n = w.shape
+    nb = -(-k // block)
+    wt = np.zeros((n, nb * block), dtype=np.float32)
+    wt[:, :k] = w.T
+    return wt.reshape(n, nb, block)
+
+
+def quantize(w: np.ndarray, spec: QuantSpec, hessian: np.ndarray | None = None, damp: float = 0.01) -> QTensor:
+    """``w`` on ``spec``'s grid: round to nearest, or GPTQ when the layer's input Hessian is given
+    (block granularity only)."""
+    w = np.asarray(w, dtype=np.float32)
+    if hessian is not None:
+        if spec.granularity != "block":
+            raise ValueError("GPTQ quantizes blockwise specs only")
+        return QTensor(*gptq(w, hessian, spec, damp), spec, "gptq")
+    if spec.granularity == "block":
+        b = blocks(w, spec.block_size)
+        scale, zero = spec.scale_zero_point(b.min(axis=-1), b.max(axis=-1))
+        return QTensor(spec.quantize(b, scale[..., None], zero[..., None]), scale, zero, spec)
+    if spec.granularity == "channel":
+        reduce = tuple(i for i in range(w.ndim) if i != spec.axis % w.ndim)
+        lo, hi = w.min(axis=reduce, keepdims=True), w.max(axis=reduce, keepdims=True)
+    else:
+        lo, hi = np.array(w.min()), np.array(w.max())
+    scale, zero = spec.scale_zero_point(lo, hi)
+    return QTensor(spec.quantize(w, scale, zero), scale, zero, spec)
+
+
+def gptq(w: np.ndarray, xtx: np.ndarray, spec: QuantSpec, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al., 2022) over ``w`` [K, N] with input Hessian ``xtx`` [K, K]: one input row
+    at a time, its rounding error spread over the rows not yet quantized, weighted by the inverse
+    Hessian. Block scales are set from the error-updated weights when each block starts (the
+    "static groups" off variant). Returns the block layout's ``q, scale, zero``."""
+    k, n = w.shape
+    bs = spec.block_size
+    W = w.T.astype(np.float64).copy()  # [N, K]: rows are output channels, columns input rows of w
+    H = xtx.astype(np.float64).copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper triangular
+    nb = -(-k // bs)
+    q = np.zeros((n, nb * bs), dtype=np.int32)
+    scale = np.ones((n, nb), dtype=np.float32)
+    zero = np.zeros((n, nb), dtype=np.int32)
+    for j0 in range(0, k, bs):
+        j1 = min(j0 + bs, k)
+        b = j0 // bs
+        s, z = spec.scale_zero_point(W[:, j0:j1].min(axis=1), W[:, j0:j1].max(axis=1))
+        scale[:, b], zero[:, b] = s, z
+        for j in range(j0, j1):
+            qj = spec.quantize(W[:, j], s, z)
+            dq = (qj - z) * s.astype(np.float64)
+            q[:, j] = qj
+            err = (W[:, j] - dq) / Hinv[j, j]
+            W[:, j + 1:] -= np.outer(err, Hinv[j, j + 1:])
+    if k % bs:  # padding rows quantize to the zero point
+        q[:, k:] = zero[:, -1:]
+    return q.reshape(n, nb, bs), scale, zero
