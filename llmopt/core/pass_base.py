@@ -2,7 +2,9 @@
 ``onnx_ir.Model`` in place and reports exactly whether it changed it, plus counters.
 
 Built on onnx_ir's pass infrastructure (``InPlacePass``/``PassResult``), so an
-llmopt pass can be used anywhere an onnx_ir pass can.
+llmopt pass can be used anywhere an onnx_ir pass can. Like onnx_ir passes, a pass may state
+preconditions (``requires``) and postconditions (``ensures``); the PassManager checks them around
+``run`` (see ``llmopt.core.manager``), and so does onnx_ir's ``PassBase.__call__``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from llmopt.errors import PipelineError
+
+
+class PreconditionError(PipelineError, ir.passes.PreconditionError):
+    """What ``Pass.requires`` raises: the model is not ready for this pass (an earlier pass is missing).
+
+    A ``PipelineError`` (one line, exit code 2) and onnx_ir's ``PreconditionError`` (so onnx_ir's own
+    pass manager lets it through unwrapped). The message names the pass and what to run first.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +60,33 @@ class Pass(ir.passes.InPlacePass):
 
     def run(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def requires(self, model: ir.Model) -> None:
+        """Precondition: raise ``PreconditionError`` when ``model`` is not ready for this pass.
+
+        The PassManager calls it just before ``run`` (after the pass's ``on_start`` progress line);
+        so does onnx_ir's ``PassBase.__call__`` when the pass is called directly. The default
+        accepts every model. Override it when the pass needs an earlier pass's output and would
+        otherwise fail obscurely or do something wrong, and say in one line which pass and what to
+        run first::
+
+            def requires(self, model):
+                if not any(n.op_type == "GroupQueryAttention" for n in model.graph):
+                    raise PreconditionError("prune-heads needs attention fused: run `fuse` before `prune-heads`")
+
+        Keep it cheap and read-only (it must not change the model). For a built-in pass the message
+        is shown as written; for a plugin it is prefixed with the pass's position and origin. The
+        pipeline stops there: nothing is recorded for the pass and no reproducer is written. A pass
+        that is fine leaving a model alone (with ``self.warn``) should do that in ``run`` instead.
+        """
+
+    def ensures(self, model: ir.Model) -> None:
+        """Postcondition: raise (e.g. ``assert``) when the model this pass returned is not what it promises.
+
+        Called by the PassManager right after ``run`` returned. A failing postcondition is a bug in the
+        pass, handled like the pass raising: a built-in keeps its traceback and writes a crash
+        reproducer, a plugin stops the compile with a one-line ``PluginError`` naming it. Default: no check.
+        """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.counters = Counter()
