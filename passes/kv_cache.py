@@ -29,7 +29,7 @@ from onnx_ir.passes import common
 
 from llmopt.core import graph_util
 from llmopt.errors import LlmoptError
-from llmopt.core.pass_base import Pass, option
+from llmopt.core.pass_base import Pass, PreconditionError, option
 from llmopt.core.registry import register_pass
 
 MS = "com.microsoft"
@@ -45,6 +45,31 @@ _PRESENT = [re.compile(p) for p in (r"^present\.(\d+)\.(key|value)$", r"^present
 
 class KVCacheError(LlmoptError):
     """The graph cannot be given (or does not have) a KV cache in the canonical form."""
+
+
+class KVCacheNotReady(KVCacheError, PreconditionError):
+    """``requires`` refused the graph: an earlier pass (``fuse``) is missing. Both a KVCacheError
+    (what callers of the pass catch) and a PipelineError (what a failed precondition raises)."""
+
+
+_SHARED_NEEDS_GQA = ("kv-cache{buffer=shared} needs GroupQueryAttention (the kernel that writes a shared "
+                     "cache in place); this graph's attention is not fused to it: run 'fuse' first, "
+                     "or use buffer=concat")
+
+
+def _is_decoder(graph: ir.Graph) -> bool:
+    return "input_ids" in {v.name for v in graph.inputs} and "logits" in {v.name for v in graph.outputs}
+
+
+def _unfused_attention(graph: ir.Graph) -> str | None:
+    """Why a graph without a cache cannot be given one yet (its attention is not all GroupQueryAttention), or None."""
+    gqas = sum(n.op_type == "GroupQueryAttention" and n.domain == MS for n in graph)
+    unfused = sum(n.op_type in ("MultiHeadAttention", "Attention", "Softmax") for n in graph)
+    if gqas and not unfused:
+        return None
+    return (f"kv-cache: this graph has no KV cache and {unfused} of its attention blocks are not fused to "
+            f"GroupQueryAttention ({gqas} are): put 'fuse' before 'kv-cache' in the pipeline, "
+            "or export with the cache (llmopt export --with-past)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +102,26 @@ class KVCache(Pass):
     summary = "Add or canonicalize KV-cache I/O (past_key_values.{i}.key/value → present.{i}.key/value)."
     Options = KVCacheOptions
 
+    def requires(self, model: ir.Model) -> None:
+        """Refuses (``KVCacheNotReady``) a decoder whose attention is not fused where a cache cannot go
+        without it: no cache yet and ``require=true`` or ``buffer=shared``, or ``buffer=shared`` on a cache
+        without GroupQueryAttention. With ``require=false`` (targets' pipelines) a graph without a cache
+        whose attention is not fused is not refused: ``run`` leaves it as it was, with a warning."""
+        graph = model.graph
+        if not _is_decoder(graph):
+            return  # not a decoder: `run` leaves it alone
+        shared = self.options.buffer == "shared"
+        if not any(_parse(v.name, _PAST) for v in graph.inputs):
+            problem = _unfused_attention(graph) if self.options.require or shared else None
+        else:
+            has_gqa = any(n.op_type == "GroupQueryAttention" and n.domain == MS for n in graph)
+            problem = _SHARED_NEEDS_GQA if shared and not has_gqa else None
+        if problem:
+            raise KVCacheNotReady(problem)
+
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
-        if "input_ids" not in {v.name for v in graph.inputs} or "logits" not in {v.name for v in graph.outputs}:
+        if not _is_decoder(graph):
             self.count("not_a_decoder")  # nothing to cache: leave encoders and other graphs alone
             return False
         pasts = {v: _parse(v.name, _PAST) for v in graph.inputs}
@@ -103,9 +145,7 @@ class KVCache(Pass):
             buffer = "shared" if layout["group_query_attention"] else "concat"
         layout.update(buffer=buffer, max_length=self.options.max_length)
         if layout["buffer"] == "shared" and not layout["group_query_attention"]:
-            raise KVCacheError("kv-cache{buffer=shared} needs GroupQueryAttention (the kernel that writes a shared "
-                               "cache in place); this graph's attention is not fused to it: run 'fuse' first, "
-                               "or use buffer=concat")
+            raise KVCacheError(_SHARED_NEEDS_GQA)
         text = json.dumps(layout, sort_keys=True)
         changed = model.metadata_props.get(METADATA_KEY) != text
         model.metadata_props[METADATA_KEY] = text
@@ -148,13 +188,10 @@ class KVCache(Pass):
     # ------------------------------------------------------------------ no cache yet
     def _add_cache(self, model: ir.Model) -> dict:
         graph = model.graph
+        problem = _unfused_attention(graph)
+        if problem:
+            raise KVCacheError(problem)
         gqas = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS]
-        unfused = [n for n in graph if n.op_type in ("MultiHeadAttention", "Attention", "Softmax")]
-        if not gqas or unfused:
-            raise KVCacheError(
-                f"kv-cache: this graph has no KV cache and {len(unfused)} of its attention blocks are not fused to "
-                f"GroupQueryAttention ({len(gqas)} are): put 'fuse' before 'kv-cache' in the pipeline, "
-                "or export with the cache (llmopt export --with-past)")
         mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
         if mask is None:  # an input_ids-only export: a cache needs lengths, so the mask becomes an input
             mask = self._add_mask(model, gqas)
