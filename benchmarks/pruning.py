@@ -36,7 +36,7 @@ for method in ("magnitude", "wanda"):
     for sparsity in (0.1, 0.3, 0.5):
         VARIANTS[f"{method} {sparsity:.0%} unstructured"] = f"prune{{method={method},sparsity={sparsity}}}"
     VARIANTS[f"{method} 2:4"] = f"prune{{method={method},pattern=2:4}}"
-    VARIANTS[f"{method} 25% FFN channels"] = f"prune{{method={method},structured=ffn-channels,ratio=0.25}}"
+    VARIANTS[f"{method} 25% FFN channels"] = f"prune-ffn{{method={method},ratio=0.25}}"
 
 
 def pipeline(prune: str | None) -> str:
@@ -64,7 +64,7 @@ def structured_speed(work: Path, pairs: int) -> dict:
     hf = build("llama", work / "hf-llama50m", size="50m")
     dense = llmopt.compile(hf, target="cpu-fp32", out=work / "d50", measure_speed=False, verify_model=False)
     pruned = llmopt.compile(hf, target="cpu-fp32", out=work / "p50", measure_speed=False, verify_model=False,
-                            passes=pipeline("prune{structured=ffn-channels,ratio=0.25}"))
+                            passes=pipeline("prune-ffn{ratio=0.25}"))
     res = subprocess.run([sys.executable, __file__, "--time", str(dense.model_path), str(pruned.model_path),
                           "--pairs", str(pairs)], capture_output=True, text=True, check=True)
     count = lambda p: sum(s["count"] for s in graph_util.parameter_stats(llmopt.load(p)).values())  # noqa: E731

@@ -98,10 +98,9 @@ class QDQ(Pass):
         o, spec = self.options, self.options.activation_spec
         sites = [linear_site(n, o.min_elements, o.exclude, fold_bias=False) for n in model.graph]
         inputs = sorted({s.activation.name for s in sites if not isinstance(s, (str, type(None))) and s.activation is not None})
-        batches = calibration.model_batches(model, o.calibration, o.seq_len, o.samples)
-        obs = calibration.collect(model, inputs, batches, lambda _: [calibration.Histogram()])
-        self.count("calibration_sequences", len(batches))
-        return {name: ob[0].range(spec.calibration, spec.percentile) for name, ob in obs.items()}
+        obs, sequences = calibration.observe(model, inputs, o, calibration.Histogram)
+        self.count("calibration_sequences", sequences)
+        return {name: ob.range(spec.calibration, spec.percentile) for name, ob in obs.items()}
 
     def _quantize_activation(self, edit: QuantEdit, a: ir.Value, lo_hi: tuple[float, float]) -> ir.Value:
         spec = self.options.activation_spec

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from llmopt.core import graph_util
 from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass
+from llmopt.quant.sites import LinearSite, linear_site
 
 NORMS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization", "SkipLayerNormalization"}
 
@@ -43,13 +44,9 @@ class SmoothQuantOptions:
 
 
 def _weight(node: ir.Node) -> ir.Value | None:
-    """The constant 2-D [K, N] weight of a default-domain MatMul fed on input 0, else None."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-        return None
-    w = node.inputs[1]
-    if w is None or w.const_value is None or len(w.const_value.shape) != 2 or len(w.uses()) != 1:
-        return None
-    return w
+    """The constant [K, N] weight of a plain MatMul that only it reads, else None."""
+    site = linear_site(node, plain=True, fold_bias=False)
+    return site.weight if isinstance(site, LinearSite) else None
 
 
 @register_pass
@@ -77,11 +74,10 @@ class SmoothQuant(Pass):
             sites.append((node, g, users))
         if not sites:
             return False
-        batches = calibration.model_batches(model, self.options.calibration, self.options.seq_len, self.options.samples)
-        obs = calibration.collect(model, [n.outputs[0].name for n, _, _ in sites], batches, lambda _: [calibration.ChannelStats()])
+        obs, _ = calibration.observe(model, [n.outputs[0].name for n, _, _ in sites], self.options, calibration.ChannelStats)
         a = self.options.alpha
         for node, g, users in sites:
-            x_max = np.maximum(obs[node.outputs[0].name][0].amax, 1e-5)
+            x_max = np.maximum(obs[node.outputs[0].name].amax, 1e-5)
             weights = [_weight(u) for u in users]
             w_max = np.maximum(np.max([np.abs(w.const_value.numpy()).max(axis=1) for w in weights], axis=0), 1e-5)
             s = (x_max ** a / w_max ** (1 - a)).astype(np.float32)

@@ -128,15 +128,14 @@ class WeightOnly(Pass):
         inputs = sorted({n.inputs[0].name for n in model.graph if is_linear(n) and n.inputs[0] is not None
                          and not isinstance(linear_site(n, o.min_elements, fold_bias=False), (str, type(None)))})
         try:
-            batches = calibration.model_batches(model, o.calibration, o.seq_len, o.samples)
+            obs, sequences = calibration.observe(model, inputs, o, calibration.Gram)
         except InputError as exc:
             if o.method == "gptq":
                 raise
             self.warn(f"no calibration data ({exc}); rounded to nearest instead of GPTQ")
             return {}
-        obs = calibration.collect(model, inputs, batches, lambda _: [calibration.Gram()])
-        self.count("calibration_sequences", len(batches))
-        return {name: ob[0].xtx for name, ob in obs.items()}
+        self.count("calibration_sequences", sequences)
+        return {name: ob.xtx for name, ob in obs.items()}
 
     def _gather(self, edit: QuantEdit, node: ir.Node, table: ir.Value, shareable: dict) -> None:
         """``Gather(E, ids)`` → ``GatherBlockQuantized`` (blocks along the hidden axis, round to

@@ -65,8 +65,8 @@ def test_ffn_channels_make_the_model_smaller(exported, tmp_path):
     src = exported("llama", True)
     dense = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "dense", measure_speed=False)
     pruned = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "pruned", measure_speed=False, verify_model=False,
-                            passes="fold,cleanup,fuse,prune{structured=ffn-channels,ratio=0.25},kv-cache,cleanup")
-    rec = next(p for p in pruned.report["passes"] if p["name"] == "prune")
+                            passes="fold,cleanup,fuse,prune-ffn{ratio=0.25},kv-cache,cleanup")
+    rec = next(p for p in pruned.report["passes"] if p["name"] == "prune-ffn")
     assert rec["counters"]["mlps"] == 2 and rec["counters"]["channels_removed"] == 2 * 32  # 25% of 128
     assert rec["bytes_after"] < rec["bytes_before"]
     assert pruned.report["artifact"]["bytes"] < dense.report["artifact"]["bytes"]
@@ -89,14 +89,14 @@ def test_bad_requests_refuse(exported, tmp_path):
     with pytest.raises(PruneError, match="does not divide"):
         llmopt.run_pipeline(_fused(exported), "prune{pattern=3:7}")
     with pytest.raises(LlmoptError, match="no gated MLP"):
-        llmopt.run_pipeline(_fused(exported, "gpt2"), "prune{structured=ffn-channels}")
+        llmopt.run_pipeline(_fused(exported, "gpt2"), "prune-ffn")
     with pytest.raises(LlmoptError, match="no GroupQueryAttention"):  # GPT-2's heads sit in MultiHeadAttention
-        llmopt.run_pipeline(_fused(exported, "gpt2"), "prune{structured=heads}")
+        llmopt.run_pipeline(_fused(exported, "gpt2"), "prune-heads")
     res = llmopt_cli("compile", exported("llama", True), "-o", tmp_path / "x", "--no-speed",
                      "--passes", "fold,cleanup,fuse,prune{sparsity=-0.1}")
     assert_clean_error(res, 2, "sparsity")
     res = llmopt_cli("compile", exported("gpt2", True), "-o", tmp_path / "y", "--no-speed",
-                     "--passes", "fold,cleanup,fuse,prune{structured=ffn-channels}")
+                     "--passes", "fold,cleanup,fuse,prune-ffn")
     assert_clean_error(res, 2, "no gated MLP")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -114,8 +114,8 @@ def test_artifact_and_inspect_report_sparsity(exported, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a biased QKV projection
 def test_heads_pruning_shrinks_attention_and_the_cache(exported, tmp_path, arch):
     art = llmopt.compile(exported(arch, True), target="cpu-fp32", out=tmp_path / "a", measure_speed=False,
-                         verify_model=False, passes="fold,cleanup,fuse,prune{structured=heads,ratio=0.5},kv-cache,cleanup")
-    rec = next(p for p in art.report["passes"] if p["name"] == "prune")
+                         verify_model=False, passes="fold,cleanup,fuse,prune-heads{ratio=0.5},kv-cache,cleanup")
+    rec = next(p for p in art.report["passes"] if p["name"] == "prune-heads")
     assert rec["counters"]["kv_heads_removed"] == 2 and rec["counters"]["query_heads_removed"] == 4  # 1 of 2 per layer
     assert art.report["kv_cache"]["kv_heads"] == 1
     gqa = [n for n in llmopt.load(art.model_path).graph if n.op_type == "GroupQueryAttention"]
@@ -160,14 +160,14 @@ def test_global_threshold_streams_and_matches_the_exact_quantile():
 
 
 def test_structured_pruning_honours_exclude(exported):
-    from llmopt.passes.prune import _gated_mlps
+    from llmopt.passes.prune_ffn import _gated_mlps
     from llmopt.core.registry import get_pass
 
     model = _fused(exported)
     feeds = [verify.sample_inputs(model, verify.default_shapes(True)[1], 3)]
     first = _gated_mlps(model)[0]
     width = first["gate"].inputs[1].const_value.shape[1]
-    p = get_pass("prune")(structured="ffn-channels", ratio=0.25, exclude=(first["gate"].name,))
+    p = get_pass("prune-ffn")(ratio=0.25, exclude=(first["gate"].name,))
     assert p(model).modified
     assert dict(p.counters) == {"excluded": 1, "mlps": 1, "channels_removed": width // 4}
     assert first["gate"].inputs[1].const_value.shape[1] == width  # the excluded MLP keeps every channel
@@ -177,5 +177,5 @@ def test_structured_pruning_honours_exclude(exported):
     model = _fused(exported)
     gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
     with pytest.raises(PruneError, match="exclude matches 1 of 2 attention layers"):
-        get_pass("prune")(structured="heads", ratio=0.5, exclude=(gqa.name,))(model)
-    assert not get_pass("prune")(structured="heads", ratio=0.5, exclude=("*",))(model).modified
+        get_pass("prune-heads")(ratio=0.5, exclude=(gqa.name,))(model)
+    assert not get_pass("prune-heads")(ratio=0.5, exclude=("*",))(model).modified

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -220,3 +220,12 @@ def collect(model: ir.Model, values: Sequence[str], batches: Iterable[np.ndarray
                 for obs in observers[name]:
                     obs.update(x)
     return observers
+
+
+def observe(model: ir.Model, values: Sequence[str], options, make_observer) -> tuple[dict[str, Any], int]:
+    """What a calibrating pass does: run ``model`` over the text its ``options`` name
+    (``calibration``, ``seq_len``, ``samples``) and observe ``values``, one ``make_observer()`` each.
+    Returns ``({value: observer}, sequences run)``."""
+    batches = model_batches(model, options.calibration, options.seq_len, options.samples)
+    observed = collect(model, values, batches, lambda _: [make_observer()])
+    return {name: obs[0] for name, obs in observed.items()}, len(batches)
