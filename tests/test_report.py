@@ -13,15 +13,9 @@ import pytest
 from llmopt.ort.bench import BenchSettings, benchmark
 from llmopt.compiler.driver import compile
 from llmopt.errors import InputError, OutputError
-from llmopt.reporting.html_report import (
-    layer_index,
-    nice_ticks,
-    render_html,
-    render_markdown,
-    svg_hbar_chart,
-    svg_line_chart,
-    write_report,
-)
+from llmopt.reporting.html_report import render_html, render_markdown, write_report
+from llmopt.reporting.sections_weights import layer_index
+from llmopt.reporting.svg import nice_ticks, svg_hbar_chart, svg_line_chart
 
 
 @pytest.fixture(scope="module")

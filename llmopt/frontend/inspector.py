@@ -76,7 +76,7 @@ def inspect_model(path: str | os.PathLike, sparsity: bool = False) -> dict[str, 
 
 def format_inspection(info: dict[str, Any]) -> str:
     """A readable text rendering of ``inspect_model``'s dict."""
-    from llmopt.reporting.files import human_bytes, human_count
+    from llmopt.reporting.format import human_bytes, human_count
 
     lines = [f"{info['path']}", f"  files: " + ", ".join(f"{k} ({human_bytes(v)})" for k, v in info["files"].items())]
     lines.append(f"  opsets: " + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in info["opsets"].items()))

@@ -31,6 +31,9 @@ from llmopt.ort import machine
 from llmopt.core.atomic import write_atomic
 from llmopt.errors import InputError
 from llmopt.ort.generation import Generator
+from llmopt.reporting.format import fmt_fixed, fmt_mib, fmt_pct, round_significant
+from llmopt.reporting.manifest import bench_batches
+from llmopt.reporting.sections_bench import ratio_notes
 
 SCHEMA = "llmopt/bench-report/v1"  # llmopt/schemas/bench-report.v1.json
 
@@ -195,11 +198,11 @@ def _summarize(runs: list[dict], gen: Generator, batch: int, s: BenchSettings, w
     roofline_s = read / bandwidth
     note = None
     if llc is not None and read <= llc:
-        note = (f"a step reads {read / 2**20:.1f} MiB, which fits in the {llc / 2**20:.0f} MiB last-level cache: "
+        note = (f"a step reads {fmt_mib(read)}, which fits in the {fmt_mib(llc, 0)} last-level cache: "
                 "steps are served from cache, so this is not a memory-bandwidth roofline")
     elif roofline_s > step_s:
-        note = (f"a step streams {read / step_s / 1e9:.1f} GB/s, faster than the bandwidth probe read "
-                f"({bandwidth / 1e9:.1f} GB/s): the probe is below this machine's limit, so the fraction overstates")
+        note = (f"a step streams {fmt_fixed(read / step_s / 1e9, 1, ' GB/s')}, faster than the bandwidth probe read "
+                f"({fmt_fixed(bandwidth / 1e9, 1, ' GB/s')}): the probe is below this machine's limit, so the fraction overstates")
     return {
         "prefill_tokens_per_s": round(batch * s.prompt_len / statistics.median(r["prefill_s"] for r in runs), 1),
         "decode_tokens_per_s": round(batch * n / decode, 1),
@@ -210,15 +213,11 @@ def _summarize(runs: list[dict], gen: Generator, batch: int, s: BenchSettings, w
         "kv_cache_bytes_measured": runs[-1]["cache_bytes"],
         "kv_cache_bytes_allocated_shared": gen.layout.bytes(batch, s.prompt_len + s.new_tokens) if gen.layout.buffer == "shared" else None,
         "bytes_read_per_step": read,
-        "roofline_step_ms": _significant(roofline_s * 1e3),  # a tiny model's step is ~0.02 ms: digits, not decimals
-        "roofline_fraction": _significant(roofline_s / step_s),
+        "roofline_step_ms": round_significant(roofline_s * 1e3),  # a tiny model's step is ~0.02 ms: digits, not decimals
+        "roofline_fraction": round_significant(roofline_s / step_s),
         "roofline_note": note,
         "steps_ms_last_run": [round(x, 3) for x in runs[-1]["steps_ms"]],
     }
-
-
-def _significant(x: float, digits: int = 4) -> float:
-    return float(f"{x:.{digits}g}")
 
 
 def format_bench(r: dict[str, Any]) -> str:
@@ -227,20 +226,17 @@ def format_bench(r: dict[str, Any]) -> str:
              f"median of {s['repeats']} runs; memory bandwidth {r['memory_bandwidth_gbs']} GB/s"]
     lines.append("| model | batch | load s | prefill tok/s | decode tok/s | step ms p50 / p90 | KV cache | roofline |")
     lines.append("|---|---|---|---|---|---|---|---|")
-    for key, m in r["models"].items():
-        for batch, b in m["batches"].items():
-            lines.append(f"| {key} ({m['loop']}, {m['kv_buffer']}) | {batch} | {m['load_s_median']:.3f} | "
-                         f"{b['prefill_tokens_per_s']:.0f} | {b['decode_tokens_per_s']:.0f} | {b['step_ms_p50']:.2f} / "
-                         f"{b['step_ms_p90']:.2f} | {b['kv_cache_bytes'] / 2**20:.1f} MiB | {b['roofline_fraction']:.0%} |")
-    for batch, ratio in r.get("ratios", {}).items():
-        lines.append(f"batch {batch}: artifact vs baseline decode {ratio['decode_speedup']:.2f}x, "
-                     f"prefill {ratio['prefill_speedup']:.2f}x (medians of per-run ratios)")
-    notes = sorted({b["roofline_note"] for m in r["models"].values() for b in m["batches"].values() if b.get("roofline_note")})
+    for key, m, batch, b in bench_batches(r):
+        lines.append(f"| {key} ({m['loop']}, {m['kv_buffer']}) | {batch} | {fmt_fixed(m['load_s_median'], 3)} | "
+                     f"{fmt_fixed(b['prefill_tokens_per_s'], 0)} | {fmt_fixed(b['decode_tokens_per_s'], 0)} | "
+                     f"{fmt_fixed(b['step_ms_p50'])} / {fmt_fixed(b['step_ms_p90'])} | {fmt_mib(b['kv_cache_bytes'])} | "
+                     f"{fmt_pct(b['roofline_fraction'], False, 0)} |")
+    lines += ratio_notes(r, lambda v: fmt_fixed(v, 2, "x"))
+    notes = sorted({b["roofline_note"] for _, _, _, b in bench_batches(r) if b.get("roofline_note")})
     lines += [f"roofline: {n}" for n in notes[:1]]
     llc = (r.get("machine") or {}).get("last_level_cache_bytes")
-    lines.append(f"peak RSS of this process {r['peak_rss_bytes'] / 2**20:.0f} MiB (bandwidth probe excluded); "
-                 f"CPU {(r.get('machine') or {}).get('cpu', '?')}, last-level cache {llc / 2**20:.0f} MiB" if llc else
-                 f"peak RSS of this process {r['peak_rss_bytes'] / 2**20:.0f} MiB (bandwidth probe excluded)")
+    rss = f"peak RSS of this process {fmt_mib(r['peak_rss_bytes'], 0)} (bandwidth probe excluded)"
+    lines.append(f"{rss}; CPU {(r.get('machine') or {}).get('cpu', '?')}, last-level cache {fmt_mib(llc, 0)}" if llc else rss)
     return "\n".join(lines)
 
 
@@ -264,10 +260,9 @@ def plot_steps(report: dict[str, Any] | None, out: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     start = report["settings"]["prompt_len"]
-    for key, m in report["models"].items():
-        for batch, b in m["batches"].items():
-            steps = b.get("steps_ms_last_run") or []
-            ax.plot(range(start, start + len(steps)), steps, label=f"{key}, batch {batch}")
+    for key, _, batch, b in bench_batches(report):
+        steps = b.get("steps_ms_last_run") or []
+        ax.plot(range(start, start + len(steps)), steps, label=f"{key}, batch {batch}")
     ax.set_xlabel("position (tokens in the cache)")
     ax.set_ylabel("ms per decode step")
     ax.legend()

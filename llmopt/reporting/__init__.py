@@ -1,2 +1,3 @@
-"""Reporting: what llmopt tells people — the compile summary, `report` (HTML / Markdown),
-`compare`, and the JSON report files."""
+"""Reporting: what llmopt tells people — the compile summary (summary), `compare`, and `report`
+(HTML / Markdown: files -> sections -> document -> html / markdown, charts in svg); every number is
+written by format."""

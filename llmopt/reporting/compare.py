@@ -10,49 +10,30 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from llmopt.errors import InputError
-from llmopt.reporting.files import human_bytes
+from llmopt.reporting.format import ellipsize, fmt_hash, fmt_num, fmt_pct, fmt_pp, fmt_ratio, fmt_signed, human_bytes
+from llmopt.reporting.manifest import check_manifest, get, is_number, target_name
 
 # how a row's values read and how B relates to A
 _RATIO, _DELTA, _SAME = "ratio", "delta", "same"
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def _num(v: Any) -> float | int | None:
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _row(label: str, a: Any, b: Any, how: str, unit: str = "") -> dict[str, Any]:
     """One comparison row: ``ratio`` (B/A) for magnitudes, ``delta`` (B-A) for fractions and counts,
     ``same`` (true/false) for text."""
     row: dict[str, Any] = {"label": label, "a": a, "b": b, "unit": unit, "ratio": None, "delta": None, "same": None}
-    na, nb = _num(a), _num(b)
-    if how == _RATIO and na is not None and nb is not None and na != 0:
-        row["ratio"] = round(nb / na, 6)
-    elif how == _DELTA and na is not None and nb is not None:
-        d = nb - na
+    numbers = is_number(a) and is_number(b)
+    if how == _RATIO and numbers and a != 0:
+        row["ratio"] = round(b / a, 6)
+    elif how == _DELTA and numbers:
+        d = b - a
         row["delta"] = d if isinstance(d, int) else round(d, 10)
     elif how == _SAME and a is not None and b is not None:
         row["same"] = a == b
     return row
 
 
-def _target(m: dict) -> Any:
-    t = m.get("target")
-    return t.get("name") if isinstance(t, dict) else t
-
-
 def _check(m: Any, which: str) -> dict:
-    if not isinstance(m, dict) or not isinstance(m.get("artifact"), dict):
-        raise InputError(f"{which}: not an llmopt manifest (no 'artifact' section); compile a model first")
-    return m
+    return check_manifest(m, which, need=("artifact",))
 
 
 def compare_reports(a: dict, b: dict) -> dict[str, Any]:
@@ -65,35 +46,35 @@ def compare_reports(a: dict, b: dict) -> dict[str, Any]:
     """
     a, b = _check(a, "A"), _check(b, "B")
     rows = [
-        _row("target", _target(a), _target(b), _SAME),
+        _row("target", target_name(a), target_name(b), _SAME),
         _row("pipeline", a.get("pipeline"), b.get("pipeline"), _SAME),
-        _row("source", _get(a, "source", "path"), _get(b, "source", "path"), _SAME),
-        _row("source sha256", _get(a, "source", "sha256"), _get(b, "source", "sha256"), _SAME, "hash"),
-        _row("artifact bytes", _get(a, "artifact", "bytes"), _get(b, "artifact", "bytes"), _RATIO, "bytes"),
-        _row("size ratio vs source", _get(a, "artifact", "size_ratio"), _get(b, "artifact", "size_ratio"), _DELTA, "x"),
-        _row("nodes", _get(a, "artifact", "nodes"), _get(b, "artifact", "nodes"), _DELTA),
-        _row("single-token speedup", _get(a, "speed", "speedup"), _get(b, "speed", "speedup"), _RATIO, "x"),
-        _row("source ms", _get(a, "speed", "source_ms"), _get(b, "speed", "source_ms"), _RATIO, "ms"),
-        _row("compiled ms", _get(a, "speed", "compiled_ms"), _get(b, "speed", "compiled_ms"), _RATIO, "ms"),
-        _row("perplexity", _get(a, "accuracy", "compiled_perplexity"), _get(b, "accuracy", "compiled_perplexity"), _RATIO),
-        _row("perplexity change", _get(a, "accuracy", "perplexity_change"), _get(b, "accuracy", "perplexity_change"),
+        _row("source", get(a, "source", "path"), get(b, "source", "path"), _SAME),
+        _row("source sha256", get(a, "source", "sha256"), get(b, "source", "sha256"), _SAME, "hash"),
+        _row("artifact bytes", get(a, "artifact", "bytes"), get(b, "artifact", "bytes"), _RATIO, "bytes"),
+        _row("size ratio vs source", get(a, "artifact", "size_ratio"), get(b, "artifact", "size_ratio"), _DELTA, "x"),
+        _row("nodes", get(a, "artifact", "nodes"), get(b, "artifact", "nodes"), _DELTA),
+        _row("single-token speedup", get(a, "speed", "speedup"), get(b, "speed", "speedup"), _RATIO, "x"),
+        _row("source ms", get(a, "speed", "source_ms"), get(b, "speed", "source_ms"), _RATIO, "ms"),
+        _row("compiled ms", get(a, "speed", "compiled_ms"), get(b, "speed", "compiled_ms"), _RATIO, "ms"),
+        _row("perplexity", get(a, "accuracy", "compiled_perplexity"), get(b, "accuracy", "compiled_perplexity"), _RATIO),
+        _row("perplexity change", get(a, "accuracy", "perplexity_change"), get(b, "accuracy", "perplexity_change"),
              _DELTA, "%"),
         _row("verification", _verdict(a), _verdict(b), _SAME),
     ]
-    fa = _get(a, "verification", "figures") or {}
-    fb = _get(b, "verification", "figures") or {}
+    fa = get(a, "verification", "figures") or {}
+    fb = get(b, "verification", "figures") or {}
     for key in list(fa) + [k for k in fb if k not in fa]:
         # errors scale (ratio); cosine and top-1 agreement sit near 1 (delta)
         how = _DELTA if key in ("cosine", "top1") else _RATIO
         rows.append(_row(f"verify {key}", fa.get(key), fb.get(key), how))
     rows += [
-        _row("KV cache bytes/token", _get(a, "kv_cache", "bytes_per_token"), _get(b, "kv_cache", "bytes_per_token"),
+        _row("KV cache bytes/token", get(a, "kv_cache", "bytes_per_token"), get(b, "kv_cache", "bytes_per_token"),
              _RATIO, "bytes"),
         _row("warnings", len(a.get("warnings") or []), len(b.get("warnings") or []), _DELTA),
         _row("compile seconds", a.get("seconds"), b.get("seconds"), _RATIO, "s"),
     ]
-    ops_a = _get(a, "artifact", "ops")
-    ops_b = _get(b, "artifact", "ops")
+    ops_a = get(a, "artifact", "ops")
+    ops_b = get(b, "artifact", "ops")
     if ops_a is None or ops_b is None:  # a manifest from before op histograms were recorded
         return {"rows": rows, "ops": None}
     ops = [{"op": op, "a": ops_a.get(op, 0), "b": ops_b.get(op, 0), "delta": ops_b.get(op, 0) - ops_a.get(op, 0)}
@@ -110,35 +91,24 @@ def _verdict(m: dict) -> str | None:
 
 
 def _fmt_value(v: Any, unit: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v).lower()
+    if v is None or isinstance(v, bool):
+        return fmt_num(v)
     if unit == "hash":
-        return str(v)[:12]
-    if unit == "bytes" and _num(v) is not None:
+        return fmt_hash(v)
+    if unit == "bytes" and is_number(v):
         return human_bytes(v)
-    if unit == "%" and _num(v) is not None:
-        return f"{v:+.2%}"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.4g}" + ("x" if unit == "x" else "")
+    if unit == "%" and is_number(v):
+        return fmt_pct(v)
+    if is_number(v):
+        return fmt_num(v) + ("x" if unit == "x" and isinstance(v, float) else "")
     return str(v)
 
 
 def _fmt_change(row: dict) -> str:
     if row["ratio"] is not None:
-        return f"{row['ratio']:.3g}x"
+        return fmt_ratio(row["ratio"])
     if row["delta"] is not None:
-        d = row["delta"]
-        if row["unit"] == "%":
-            return f"{d * 100:+.2f} pp"
-        if d == 0:
-            return "0"
-        if isinstance(d, int):
-            return f"{d:+d}"
-        return f"{d:+.3g}"
+        return fmt_pp(row["delta"]) if row["unit"] == "%" else fmt_signed(row["delta"], zero="0")
     if row["same"] is not None:
         return "same" if row["same"] else "differs"
     return "-"
@@ -146,7 +116,7 @@ def _fmt_change(row: dict) -> str:
 
 def _shorten(text: str, limit: int) -> str:
     """Keep the end of long values (paths, pipelines): that is where they differ."""
-    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+    return ellipsize(text, limit, keep_end=True)
 
 
 def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
@@ -175,7 +145,7 @@ def format_compare(a_name: str, a: dict, b_name: str, b: dict, width: int = 60) 
     elif result["ops"]:
         lines.append("")
         lines += _table(["op (counts differ)", "A", "B", "delta"],
-                        [[r["op"], str(r["a"]), str(r["b"]), f"{r['delta']:+d}"] for r in result["ops"]], {1, 2, 3})
+                        [[r["op"], str(r["a"]), str(r["b"]), fmt_signed(r["delta"])] for r in result["ops"]], {1, 2, 3})
     else:
         lines.append("")
         lines.append("op histograms: identical")

@@ -1,4 +1,5 @@
-"""Formatting helpers for what the CLI prints, and reading / writing its JSON and report files."""
+"""Reading the JSON files reports are made from: manifests (llmopt.json, or a failed compile's --report)
+and bench reports, each checked on the way in, with one-line errors that say what to do."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.errors import InputError
+from llmopt.reporting.manifest import check_bench, check_manifest
 
 
 def load_json(path: str | os.PathLike, hint: str = "") -> Any:
@@ -20,18 +22,18 @@ def load_json(path: str | os.PathLike, hint: str = "") -> Any:
         raise InputError(f"{p}: not JSON{where}{'; ' + hint if hint else ''}") from None
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def load_bench(path: str | os.PathLike) -> dict[str, Any]:
+    """A bench report (`llmopt bench ART --json` output)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such bench report; write one with `llmopt bench ART --json > {p}`")
+    return check_bench(load_json(p, f"write it with `llmopt bench ART --json > {p}`"), str(p))
 
 
-def human_count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
+def load_manifest(artifact_dir: str | os.PathLike) -> dict[str, Any]:
+    """An artifact's llmopt.json, or a report file itself (e.g. the --report of a failed compile)."""
+    from llmopt.compiler.driver import Artifact
+
+    if Path(artifact_dir).is_file() and str(artifact_dir).endswith(".json"):
+        return check_manifest(load_json(artifact_dir), str(artifact_dir))
+    return check_manifest(Artifact.open(artifact_dir).report, f"{artifact_dir}/llmopt.json")

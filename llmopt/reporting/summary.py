@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmopt.reporting.files import human_bytes
+from llmopt.reporting.format import fmt_fixed, fmt_num, fmt_pct, human_bytes
 
 
 def format_compile_report(r: dict[str, Any], path: Path) -> str:
@@ -13,13 +13,14 @@ def format_compile_report(r: dict[str, Any], path: Path) -> str:
     lines = [f"compiled {r['source']['path']} -> {path}/ for {r['target']['name']} ({r['provider']}) in {r['seconds']}s"]
     lines.append(
         f"  size      {human_bytes(a['bytes'])} vs {human_bytes(r['source']['bytes'])} source "
-        f"({a['size_ratio']:.3f}x); nodes {a['source_nodes']} -> {a['nodes']}"
+        f"({fmt_fixed(a['size_ratio'], 3, 'x')}); nodes {a['source_nodes']} -> {a['nodes']}"
     )
     s = r.get("speed")
     if s:
         lines.append(
-            f"  speed     {s['speedup']:.2f}x speedup, {s['what']} ({s['source_ms']:.2f} -> {s['compiled_ms']:.2f} ms, "
-            f"median of {s['pairs']} alternating pairs, range {s['speedup_min']:.2f}-{s['speedup_max']:.2f}x, "
+            f"  speed     {fmt_fixed(s['speedup'], 2, 'x')} speedup, {s['what']} "
+            f"({fmt_fixed(s['source_ms'])} -> {fmt_fixed(s['compiled_ms'])} ms, median of {s['pairs']} alternating pairs, "
+            f"range {fmt_fixed(s['speedup_min'])}-{fmt_fixed(s['speedup_max'], 2, 'x')}, "
             f"{s['threads']} threads{_on_other_provider(s, r)})"
         )
     v = r.get("verification")
@@ -27,16 +28,16 @@ def format_compile_report(r: dict[str, Any], path: Path) -> str:
         f = v["figures"]
         status = "PASS" if v["passed"] else "FAIL: " + "; ".join(v["misses"])
         lines.append(
-            f"  verify    {status} - logits max-abs {f['max_abs']:.3g}, cosine {f['cosine']:.6f}, "
-            f"top-1 agreement {f['top1']:.3f}"
+            f"  verify    {status} - logits max-abs {fmt_num(f['max_abs'], 3)}, cosine {fmt_fixed(f['cosine'], 6)}, "
+            f"top-1 agreement {fmt_fixed(f['top1'], 3)}"
         )
     else:
         lines.append("  verify    skipped (--no-verify)")
     acc = r.get("accuracy")
     if acc:
         lines.append(
-            f"  accuracy  perplexity {acc['source_perplexity']:.3f} -> {acc['compiled_perplexity']:.3f} "
-            f"({acc['perplexity_change']:+.2%}) on {acc['tokens']} tokens of {Path(acc['text']).name}"
+            f"  accuracy  perplexity {fmt_fixed(acc['source_perplexity'], 3)} -> {fmt_fixed(acc['compiled_perplexity'], 3)} "
+            f"({fmt_pct(acc['perplexity_change'])}) on {acc['tokens']} tokens of {Path(acc['text']).name}"
         )
     for g in r.get("gates", []):
         lines.append(f"  gate      {'PASS' if g['passed'] else 'FAIL'} {g['gate']}: {g['text']}")
