@@ -227,15 +227,17 @@ def eval_(
     """Perplexity on a text, computed in ONNX Runtime (and a baseline's, on the same tokens)."""
     from llmopt.api import evaluate
     from llmopt.compiler.gates import GateError, parse_fraction
+    from llmopt.reporting.format import fmt_fixed, fmt_pct
 
     result = evaluate(model, text, baseline=baseline, tokenizer=tokenizer, tokens=tokens, window=window,
                       max_ppl_increase=None if max_ppl_increase is None else parse_fraction(max_ppl_increase))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        line = f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({model})"
+        line = f"perplexity {fmt_fixed(result.perplexity, 4)} over {result.tokens} tokens ({model})"
         if result.baseline is not None:
-            line += f"; baseline {result.baseline_perplexity:.4f} ({result.baseline}), change {result.perplexity_change * 100:+.2f}%"
+            line += (f"; baseline {fmt_fixed(result.baseline_perplexity, 4)} ({result.baseline}), "
+                     f"change {fmt_pct(result.perplexity_change)}")
         print(line)
     if not result.passed:
         raise GateError("; ".join(g["text"] for g in result.gates if not g["passed"]), result.to_dict())
