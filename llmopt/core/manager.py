@@ -111,8 +111,10 @@ class PassManager:
         return PipelineResult(model, modified, self._records, self._warnings)
 
     def _make_instruments(self, model: ir.Model) -> list[PassInstrument]:
-        """Outermost first. The order is the contract: the timer starts last and stops first; the
-        reproducer is written before a plugin's error names it; progress sees the final outcome."""
+        """Outermost first; the order is today's behaviour: on_start before the guard draws its
+        reference, the timer around the pass alone, the record complete before the guard and
+        verify-each check it (guard first), on_end only once both passed, and a crash's reproducer
+        written before a plugin's one-line error names it."""
         return [
             *self.instruments,
             Progress(self.on_start, self.on_end),
