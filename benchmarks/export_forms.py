@@ -35,9 +35,9 @@ def time_artifacts(paths: list[str], pairs: int) -> list[dict]:
     from llmopt.ort import timing
     from llmopt.ort import sessions
 
-    sessions = [sessions.make_session(p, threads=2) for p in paths]
+    runs = [sessions.make_session(p, threads=2) for p in paths]
     feeds = [timing.decode_feeds(model_io.load(p), past=128) for p in paths]
-    return [timing.compare_sessions_feeds(sessions[0], feeds[0], s, f, pairs=pairs) for s, f in zip(sessions[1:], feeds[1:])]
+    return [timing.compare_sessions_feeds(runs[0], feeds[0], s, f, pairs=pairs) for s, f in zip(runs[1:], feeds[1:])]
 
 
 def main() -> None:

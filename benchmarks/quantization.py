@@ -1,6 +1,7 @@
 """Quantization (issue #5; docs/benchmarks.md, "Quantization").
 
     python benchmarks/quantization.py [--pairs 40] [--out benchmarks/results/quantization.json]
+    python benchmarks/quantization.py --accuracy-only [--qat]     # size and perplexity only
 
 On the trained reference model and on the ~50M Llama (random init, for speed only):
 
@@ -50,7 +51,7 @@ LLMOPT = {
 }
 
 
-def build_models(work: Path, hf: Path, tag: str, calib_source) -> dict[str, Path]:
+def build_models(work: Path, hf: Path, tag: str, calib_source, ort: bool = True) -> dict[str, Path]:
     src = export(hf, work / f"{tag}.onnx", with_past=True)
     models = {"fp32 (export)": src}
     fp32 = llmopt.compile(hf, target="cpu-fp32", out=work / f"{tag}-fp32", measure_speed=False, eval_tokens=256)
@@ -62,7 +63,8 @@ def build_models(work: Path, hf: Path, tag: str, calib_source) -> dict[str, Path
                              verify_model=False, eval_tokens=256)
         print(f"{tag}: {name} compiled in {time.perf_counter() - t0:.1f}s", flush=True)
         models[f"llmopt {name}"] = art.model_path
-    models.update(ort_tools(work, tag, fp32.model_path, calib_source))
+    if ort:
+        models.update(ort_tools(work, tag, fp32.model_path, calib_source))
     return models
 
 
@@ -140,18 +142,18 @@ def perplexities(models: dict[str, Path]) -> dict[str, float]:
 
 def time_round_robin(paths: list[str], rounds: int) -> None:
     """Child: one decode step after 128 cached tokens, every model once per round; prints JSON."""
-    sessions, feeds = [], []
+    runs, feeds = [], []
     for p in paths:
-        sessions.append(sessions.make_session(p, threads=2))
+        runs.append(sessions.make_session(p, threads=2))
         m = llmopt.load(p)
         f = timing.decode_feeds(m, past=128)
-        feeds.append({i.name: f[i.name] for i in sessions[-1].get_inputs()})
-    for s, f in zip(sessions, feeds):  # warm up
+        feeds.append({i.name: f[i.name] for i in runs[-1].get_inputs()})
+    for s, f in zip(runs, feeds):  # warm up
         for _ in range(5):
             s.run(None, f)
     times = [[] for _ in paths]
     for _ in range(rounds):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
+        for i, (s, f) in enumerate(zip(runs, feeds)):
             t0 = time.perf_counter()
             s.run(None, f)
             times[i].append(time.perf_counter() - t0)
@@ -220,6 +222,9 @@ def main() -> None:
     ap.add_argument("--kernel-variants", action="store_true", help="int8 vs int4 MatMulNBits variants on the 50M Llama")
     ap.add_argument("--size", default="50m", choices=("50m", "300m"), help="--kernel-variants: the Llama's size")
     ap.add_argument("--static-variants", action="store_true", help="calibration methods and SmoothQuant for qdq, reference perplexity")
+    ap.add_argument("--accuracy-only", action="store_true", help="llmopt's rows on the reference: size and perplexity, "
+                    "no speed, no ONNX Runtime tools (add --qat for the QAT rows)")
+    ap.add_argument("--qat", action="store_true", help="--accuracy-only: also the QAT rows (200 fine-tuning steps)")
     args = ap.parse_args()
     if args.time:
         return time_round_robin(args.time, args.pairs)
@@ -230,6 +235,16 @@ def main() -> None:
             return kernel_variants(work, args.pairs, args.size)
         if args.static_variants:
             return static_variants(work)
+        if args.accuracy_only:
+            ref = build_models(work, reference_model_dir(), "ref", "builtin", ort=False)
+            if args.qat:
+                ref.update(qat_models(work))
+            ppl, base = perplexities(ref), size(ref["fp32 (export)"])
+            print(f"\n| model | size vs fp32 | perplexity ({ppl['fp32 (export)']['tokens']} tokens) | vs fp32 |\n|---|---|---|---|")
+            for name, r in ppl.items():
+                print(f"| {name} | {size(ref[name]) / base:.3f} | {r['perplexity']:.3f} | "
+                      f"{r['perplexity'] / ppl['fp32 (export)']['perplexity'] - 1:+.2%} |")
+            return
         if args.speed_only:
             big = build_models(work, build("llama", work / "hf-llama50m", size="50m"), "llama50m", "random")
             fast = speed(big, args.pairs)
