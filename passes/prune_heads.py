@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmopt.core import graph_util
-from llmopt.core.pass_base import Pass
+from llmopt.core.pass_base import Pass, PreconditionError
 from llmopt.core.registry import register_pass
 from llmopt.passes.prune import PruneError, activation_norms
 from llmopt.passes.prune_ffn import StructuredOptions
@@ -29,14 +29,17 @@ class PruneHeads(Pass):
     summary = "Remove the least important KV heads with their query groups (QKV/output slices, cache shapes)."
     Options = StructuredOptions
 
+    def requires(self, model: ir.Model) -> None:
+        """Heads can only go where attention is one GroupQueryAttention fed by a packed QKV projection."""
+        if not any(_attention_site(n) for n in model.graph):
+            raise PreconditionError("prune-heads: no GroupQueryAttention with a packed QKV projection and a constant "
+                                    "output projection found; run 'fuse' (with pack_qkv) first")
+
     def run(self, model: ir.Model) -> bool:
         """Remove ``ratio`` of the KV heads of every GroupQueryAttention, with the query heads that share
         them: columns of the packed QKV projection (and bias), rows of the output projection, the
         kernel's head counts, and the KV-cache I/O shapes."""
-        sites = [s for s in map(_attention_site, model.graph) if s is not None]
-        if not sites:
-            raise PruneError("prune-heads: no GroupQueryAttention with a packed QKV projection and a constant "
-                             "output projection found; run 'fuse' (with pack_qkv) first")
+        sites = [s for s in map(_attention_site, model.graph) if s is not None]  # not empty: see requires()
         kept = [s for s in sites if not excluded(self.options.exclude, *(n for k in ("gqa", "qkv", "out")
                                                           for n in (s[k].name, *(v.name for v in s[k].inputs[1:2] if v))))]
         if kept and len(kept) < len(sites):
