@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Artifact",
     "BenchResult",
+    "CompileOptions",
     "EvalResult",
     "GateError",
     "InputError",
@@ -54,6 +55,7 @@ __all__ = [
 _LAZY = {  # name -> (module, attribute): `import llmopt` stays cheap and torch-free
     "compile": ("llmopt.compiler.driver", "compile"),
     "Artifact": ("llmopt.compiler.driver", "Artifact"),
+    "CompileOptions": ("llmopt.compiler.options", "CompileOptions"),
     "export": ("llmopt.frontend.exporter", "export"),
     "inspect_model": ("llmopt.frontend.inspector", "inspect_model"),
     "load": ("llmopt.core.model_io", "load"),

@@ -1,6 +1,8 @@
 """The Python API for programs (CI pipelines): typed results, nothing printed.
 
-``llmopt.compile`` returns an ``Artifact``; ``llmopt.evaluate`` an ``EvalResult``;
+``llmopt.compile`` (``llmopt.compiler.driver.compile``, the entry point ``llmopt compile`` calls
+too) takes a ``CompileOptions`` or its fields as keywords and returns an ``Artifact``, whose
+``manifest`` is the artifact's llmopt.json; ``llmopt.evaluate`` returns an ``EvalResult``;
 ``llmopt.benchmark`` a ``BenchResult``. Each result's ``to_dict()`` is exactly what the CLI's
 ``--json`` prints, and carries a ``schema`` key naming its versioned JSON Schema in
 ``llmopt/schemas/`` (``schema(name)``; documented in docs/ci.md).
@@ -123,7 +125,8 @@ def _providers(model_file: Path) -> tuple[str, ...]:
     from llmopt.compiler.driver import MANIFEST, Artifact
 
     if (model_file.parent / MANIFEST).is_file():
-        return tuple(Artifact.open(model_file.parent).report["target"].get("verify_providers") or ("CPUExecutionProvider",))
+        manifest = Artifact.open(model_file.parent).manifest
+        return tuple(manifest["target"].get("verify_providers") or ("CPUExecutionProvider",))
     return ("CPUExecutionProvider",)
 
 

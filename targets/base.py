@@ -6,13 +6,31 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from llmopt.compiler.publish import ARTIFACT_FILES
 from llmopt.core.pipeline import Pipeline, parse
 from llmopt.ort.verify import Thresholds
-ARTIFACT_FILES = ("model.onnx", "model.onnx.data", "llmopt.json")
+
+# ONNX Runtime's graph optimization levels, as session_options names them, and as
+# llmopt.ort.sessions.make_session(optimization=...) takes them
+OPTIMIZATION_LEVELS = {"ORT_DISABLE_ALL": "disable", "ORT_ENABLE_BASIC": "basic",
+                       "ORT_ENABLE_EXTENDED": "extended", "ORT_ENABLE_ALL": "all"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
+    """``session_options``: the ONNX Runtime session options the artifact is meant to run with. They
+    are recorded in the manifest (for whoever deploys the artifact) and applied to the sessions the
+    compile runs the artifact in to measure it as it will run (speed and perplexity,
+    ``llmopt.compiler.measure.artifact_session``). Only options llmopt can apply are accepted:
+    ``graph_optimization_level`` (one of ``OPTIMIZATION_LEVELS``); any other key is refused when the
+    target is defined, so the manifest never records a setting nothing applied. The numeric
+    verification has its own settings: ``verify_providers`` and ``verify_session_config``.
+
+    ``emits``: every file an artifact of this target can hold (``llmopt.compiler.publish.ARTIFACT_FILES``):
+    model.onnx, model.onnx.data and llmopt.json always; genai_config.json for a decoder with a KV
+    cache; tokenizer.json, tokenizer_config.json and special_tokens_map.json when the source has them.
+    """
+
     name: str
     description: str
     provider: str
@@ -28,6 +46,20 @@ class Target:
     emits: tuple[str, ...] = ARTIFACT_FILES
     # (domain, op_type) pairs the provider implements; the compile fails on any other op. None: no check.
     supported_ops: frozenset[tuple[str, str]] | None = None
+
+    def __post_init__(self) -> None:
+        for key, value in self.session_options.items():
+            if key != "graph_optimization_level":
+                raise ValueError(f"target '{self.name}': session option '{key}' is not one llmopt applies; "
+                                 "use graph_optimization_level, or leave it out")
+            if value not in OPTIMIZATION_LEVELS:
+                raise ValueError(f"target '{self.name}': graph_optimization_level '{value}' is not one of "
+                                 f"{', '.join(OPTIMIZATION_LEVELS)}")
+
+    def session_kwargs(self) -> dict[str, Any]:
+        """``session_options`` as keywords of ``llmopt.ort.sessions.make_session``."""
+        level = self.session_options.get("graph_optimization_level")
+        return {} if level is None else {"optimization": OPTIMIZATION_LEVELS[level]}
 
     def unsupported_ops(self, model) -> list[str]:
         """Ops in ``model`` the target's provider does not implement (empty without a list)."""

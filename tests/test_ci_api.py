@@ -160,3 +160,12 @@ def test_eval_bad_input_is_one_line(gated):
         assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
     res = cli("eval", gated.path)  # a usage error (missing --text): click's message, exit 2, no traceback
     assert res.returncode == 2 and "Missing option '--text'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_artifact_holds_exactly_what_the_target_emits(gated):
+    """The reference model (a tokenizer, a KV cache): every file a target declares, and no other."""
+    from llmopt.core.registry import get_target
+
+    files = set(os.listdir(gated.path))
+    assert files == set(get_target("cpu-int8").emits) == set(gated.manifest["target"]["emits"])
+    assert files == set(gated.manifest["artifact"]["files"]) | {"llmopt.json"}

@@ -67,28 +67,30 @@ def compile(  # noqa: A001
 ):
     """Compile a model for a target: run the pipeline, write the artifact, verify it."""
     from llmopt.compiler.driver import compile as do_compile
-    from llmopt.errors import VerificationError
     from llmopt.compiler.gates import parse_fraction
+    from llmopt.compiler.options import CompileOptions
+    from llmopt.errors import VerificationError
 
+    options = CompileOptions(
+        target=target, out=output, passes=passes, recipe=recipe, verify_model=verify, verify_each=verify_each,
+        with_past=with_past, eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=speed,
+        report_path=report, thresholds=_parse_thresholds(threshold), progress=None if as_json else _progress,
+        explain=tuple(explain), plugins=tuple(plugin), check_plugins=not trust_plugins,
+        max_ppl_increase=None if max_ppl_increase is None else parse_fraction(max_ppl_increase),
+        min_speedup=min_speedup,
+    )
     try:
-        art = do_compile(
-            model, target, output, passes=passes, recipe=recipe, verify_model=verify, verify_each=verify_each,
-            with_past=with_past, eval_text=eval_text, eval_tokens=eval_tokens, measure_speed=speed,
-            report_path=report, thresholds=_parse_thresholds(threshold), progress=None if as_json else _progress,
-            explain=explain, plugins=plugin, check_plugins=not trust_plugins,
-            max_ppl_increase=None if max_ppl_increase is None else parse_fraction(max_ppl_increase),
-            min_speedup=min_speedup,
-        )
+        art = do_compile(model, options=options)
     except VerificationError as exc:
         if as_json and exc.report is not None:
             print(json.dumps(exc.report, indent=2, default=str))
         raise
     if as_json:
-        print(json.dumps(art.report, indent=2, default=str))
+        print(json.dumps(art.manifest, indent=2, default=str))
     else:
         from llmopt.reporting.summary import format_compile_report
 
-        print(format_compile_report(art.report, art.path))
+        print(format_compile_report(art.manifest, art.path))
 
 
 def _parse_thresholds(items: list[str]) -> dict[str, float]:
