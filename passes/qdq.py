@@ -56,8 +56,9 @@ class QDQOptions:
 
     @property
     def activation_spec(self) -> QuantSpec:
-        return QuantSpec(dtype=self.activations, symmetric=self.activations == "int8", calibration=self.method,
-                         percentile=self.percentile)
+        symmetric = self.activations == "int8"  # the full signed range: calibrated ranges clip anyway
+        return QuantSpec(dtype=self.activations, symmetric=symmetric, narrow_range=not symmetric,
+                         calibration=self.method, percentile=self.percentile)
 
     @property
     def weight_spec(self) -> QuantSpec:

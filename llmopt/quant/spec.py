@@ -10,7 +10,10 @@ It is the only integer arithmetic in llmopt, with one grid per spec:
   integer range rounded down (127 for 8 bits, 7 for 4 bits; 63 with ``reduce_range``, 7-bit
   weights that no x86 integer kernel saturates) and ``zero`` is 0 for signed types and the
   midpoint (128, 8) for unsigned ones, which is MatMulNBits' default zero point. ``amax`` lands on
-  an integer, so nothing is clipped;
+  an integer, so nothing is clipped. ``narrow_range=False`` (activations) spends the signed type's
+  extra level instead: ``scale = amax / 127.5`` over ``-128..127``, so +amax saturates by half a
+  step; calibrated activation ranges clip by design, and the finer step measures better
+  (docs/benchmarks.md). Weights keep the narrow range (TFLite's convention);
 - asymmetric: ``scale = (hi - lo) / (qmax - qmin)`` over the range widened to hold 0, and a zero
   point that makes 0 exact.
 
@@ -44,6 +47,7 @@ class QuantSpec:
     calibration: str = "minmax"  # activations only
     percentile: float = 99.99
     reduce_range: bool = False  # symmetric only: half the levels (int8 -> -63..63, "7-bit")
+    narrow_range: bool = True  # symmetric only: False = the full signed range, amax / 127.5 (activations)
 
     def __post_init__(self):
         if self.dtype not in _RANGE:
@@ -56,8 +60,8 @@ class QuantSpec:
             raise PipelineError(f"quant spec: calibration {self.calibration!r} is not one of {', '.join(CALIBRATION_METHODS)}")
         if not 50 < self.percentile <= 100:
             raise PipelineError(f"quant spec: percentile must be in (50, 100], got {self.percentile}")
-        if self.reduce_range and not self.symmetric:
-            raise PipelineError("quant spec: reduce_range needs a symmetric spec")
+        if (self.reduce_range or not self.narrow_range) and not self.symmetric:
+            raise PipelineError("quant spec: reduce_range and narrow_range are for symmetric specs")
         if self.symmetric and self.dtype in ("uint8", "uint4") and self.granularity != "block":
             raise PipelineError(f"quant spec: symmetric {self.dtype} has no room for negative values; use int8/int4")
 
@@ -89,7 +93,7 @@ class QuantSpec:
         lo = np.minimum(np.asarray(lo, np.float64), 0.0)
         hi = np.maximum(np.asarray(hi, np.float64), 0.0)
         if self.symmetric:
-            scale = np.maximum(np.abs(lo), np.abs(hi)) / self.levels
+            scale = np.maximum(np.abs(lo), np.abs(hi)) / (self.levels if self.narrow_range else (self.qmax - self.qmin) / 2)
             zero = np.full_like(scale, self.midpoint)
         else:
             scale = (hi - lo) / (self.qmax - self.qmin)
@@ -100,5 +104,6 @@ class QuantSpec:
 
     def quantize(self, x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
         """Integers (zero point included, int32) of ``x`` on the grid ``scale``, ``zero`` (broadcast)."""
-        lo, hi = (self.midpoint - self.levels, self.midpoint + self.levels) if self.symmetric else (self.qmin, self.qmax)
+        narrow = self.symmetric and self.narrow_range
+        lo, hi = (self.midpoint - self.levels, self.midpoint + self.levels) if narrow else (self.qmin, self.qmax)
         return np.clip(np.rint(x / scale) + zero, lo, hi).astype(np.int32)
