@@ -231,7 +231,7 @@ class KVCache(Pass):
     def _add_mask(self, model: ir.Model, gqas: list[ir.Node]) -> ir.Value:
         """``attention_mask [batch, total_sequence_length]`` as a new input, and GroupQueryAttention's
         lengths taken from it (they came from ``input_ids``' shape, which knows no past)."""
-        from llmopt.passes.fuse_rules import gqa_seqlens_from_mask
+        from llmopt.passes.fuse_attention import gqa_seqlens_from_mask
 
         graph = model.graph
         ids = next((v for v in graph.inputs if v.name == "input_ids"), None)

@@ -9,7 +9,7 @@ from llmopt.ort import verify
 from llmopt.ort import sessions
 from llmopt.models.architectures import ARCHITECTURES
 from llmopt.passes.fuse import FUSION_DOMAIN
-from llmopt.passes.fuse_rules import canonical_dim
+from llmopt.passes.fuse_shapes import canonical_dim
 from llmopt.core.registry import get_pass
 
 LAYERS = 2  # the tiny configs

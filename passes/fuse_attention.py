@@ -1,175 +1,26 @@
-"""llmopt's own rules for the `fuse` pass (the onnxscript rules it also runs are listed in fuse.py).
+"""llmopt's own rules for the `fuse` pass: attention.
 
-Each rule either puts today's exports into the form the fusion patterns expect, or finishes what
-those fusions leave for ONNX Runtime:
-
-- ``gemm_to_matmul``: ``Gemm`` → ``MatMul`` + ``Add``.
-- ``RotaryAngles`` (``rotary_angles``): transformers ≥ 5's rotary angles ``Mul(Cast(positions), inv_freq)``
-  → the ``MatMul`` form onnxscript's cos/sin-cache rule matches (bit-identical).
-- ``IdentityReshape`` (``identity_reshape``): a Reshape to the shape its input already has.
-- ``canonical_dims``: symbolic dims written as sums (``past + seq`` / ``seq + past``) in one order,
-  so shape checks that compare dims by name see that they are equal.
 - ``PackQKV`` (``pack_qkv``): three Q/K/V projections of one input feeding ``GroupQueryAttention``
   → one MatMul over the concatenated weights (packed-QKV input of the kernel).
 - ``gqa_seqlens_from_mask``: ``GroupQueryAttention``'s ``seqlens_k`` / ``total_sequence_length``
   computed once from the graph's ``attention_mask`` (per-row lengths, right padding) instead of
   from position ids, which are ``[1, S]`` in exports without a KV cache.
-- ``rotary_positions_per_row``: a ``RotaryEmbedding`` fed ``[1, S]`` position ids (exports
-  without a KV cache) gets them expanded to ``[batch, S]``, which ONNX Runtime's kernel requires.
 - ``SlicedQKV`` (``sliced_qkv``): Phi-3's sliced packed projection → the packed GQA input, with
   or without a KV cache.
-- ``FlattenedLinear`` (``flattened_linear``, ``flattened_linear_after_mha``): GPT-2's 2-D
-  Reshape → MatMul (+ bias) → Reshape back → one MatMul over the 3-D input.
-- ``GeluTanhHalfFirst`` (``gelu_half_first``): torch's tanh-GELU export → ``FastGelu``;
-  ``FastGeluBias`` (``fast_gelu_bias``): the preceding bias Add into ``FastGelu``'s bias input.
 - ``ScaledGQA`` (``gqa``): onnxscript's GroupQueryAttention rule, keeping the graph's attention
   scale (onnxscript's drops it: Granite's or Gemma's own scale fused to wrong numbers).
-- ``SiluAsQuickGelu`` (``silu``): ``x * Sigmoid(x)`` → ``QuickGelu(x, alpha=1)``, one kernel.
+- ``SoftcapSDPA`` (``sdpa_softcap``): onnxscript's SDPA rule with Gemma 2's logit soft cap.
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import gqa, sdpa
 
-from llmopt.core import graph_util
 from llmopt.passes import fuse_mask
-
-MS = "com.microsoft"
-
-
-def _is_default_domain(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx")
-
-
-def gemm_to_matmul(model: ir.Model) -> int:
-    """Gemm(A, B, C) → MatMul(A, B') + C, so the rules (and later the rank of A) are free.
-
-    onnxscript's own Gemm rewrite only covers some forms, and its shape optimizations can then
-    drop the 2-D Reshape around a Gemm that GPT-2's export has, which ONNX Runtime refuses.
-    """
-    graph = model.graph
-    n = 0
-    for node in list(graph):
-        if node.op_type != "Gemm" or not _is_default_domain(node):
-            continue
-        attrs = {k: v.value for k, v in node.attributes.items()}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            continue
-        a, b = node.inputs[0], node.inputs[1]
-        new_nodes = []
-        if attrs.get("transB", 0):
-            t = ir.node("Transpose", [b], attributes={"perm": [1, 0]}, name=f"{node.name}_transB")
-            new_nodes.append(t)
-            b = t.outputs[0]
-        mm = ir.node("MatMul", [a, b], name=f"{node.name}_matmul")
-        new_nodes.append(mm)
-        result = mm.outputs[0]
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            add = ir.node("Add", [result, node.inputs[2]], name=f"{node.name}_bias")
-            new_nodes.append(add)
-            result = add.outputs[0]
-        old = node.outputs[0]
-        result.shape, result.type = old.shape, old.type
-        graph.insert_before(node, new_nodes)
-        graph_util.replace_value(old, result)
-        graph.remove(node, safe=True)
-        n += 1
-    return n
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(a) for a in value.const_value.numpy().reshape(-1)]
-
-
-class RotaryAngles(pattern.RewriteRuleClassBase):
-    """``Mul(Cast(Unsqueeze(pos, axes)), inv_freq[E])`` → ``Transpose(MatMul(inv_freq[1,E,1], pos[B,1,S]), [0,2,1])``.
-
-    ``pos`` is the ``[B, S]`` position_ids input of an export with a KV cache (axes ``[-1]``), or
-    the ``[S]`` Range of an export without one (axes ``[0, -1]``; it becomes ``[1, S]``). The
-    product has a contraction of length 1, so the result is bit-identical.
-    """
-
-    def pattern(self, op, position_ids, axes, inv_freq):
-        return op.Mul(op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT), inv_freq)
-
-    def check(self, context, position_ids, axes, inv_freq, **_):
-        result = pattern.MatchResult()
-        if inv_freq.const_value is None or len(inv_freq.const_value.shape) != 1:
-            return result.fail("inv_freq is not a constant 1-D tensor", inv_freq)
-        rank = None if position_ids.shape is None else len(position_ids.shape)
-        expected = {2: ([-1], [2]), 1: ([0, -1], [0, 2])}
-        if rank not in expected:
-            return result.fail(f"positions have rank {rank}, expected [B, S] or [S]", position_ids)
-        if _ints(axes) not in expected[rank]:
-            return result.fail(f"Unsqueeze axes {_ints(axes)} do not make positions [B, S, 1]", axes)
-        return result
-
-    def rewrite(self, op, position_ids, axes, inv_freq):
-        inv = inv_freq.const_value.numpy().astype(np.float32).reshape(1, -1, 1)
-        pos = position_ids
-        if len(position_ids.shape) == 1:
-            pos = op.Unsqueeze(pos, op.Constant(value_ints=[0]))
-        pos = op.Cast(op.Unsqueeze(pos, op.Constant(value_ints=[1])), to=ir.DataType.FLOAT)
-        return op.Transpose(op.MatMul(op.Constant(value=ir.tensor(inv)), pos), perm=[0, 2, 1])
-
-
-class IdentityReshape(pattern.RewriteRuleClassBase):
-    """``Reshape(x, shape)`` whose output has the same (symbolic) shape as ``x`` → ``x``.
-
-    Phi-3's export reshapes the attention output to the shape it already has, which hides the
-    SDPA → Transpose → Reshape chain the attention fusions look for.
-    """
-
-    def pattern(self, op, x, shape):
-        return op.Reshape(x, shape, _outputs=["y"])
-
-    def check(self, context, x, y, **_):
-        result = pattern.MatchResult()
-        if x.shape is None or y.shape is None or len(x.shape) != len(y.shape):
-            return result.fail("shapes unknown or of different rank", [x, y])
-        for a, b in zip(x.shape, y.shape):
-            if not (isinstance(a, int) and a == b) and not (
-                isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a.value == b.value
-            ):
-                return result.fail(f"dims {a} and {b} are not provably equal", [x, y])
-        return result
-
-    def rewrite(self, op, x, **_):
-        return op.Identity(x)
-
-
-_TERM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^\d+$")
-
-
-def canonical_dim(name: str) -> str:
-    """``'seq + past'`` → ``'past + seq'``: the terms of a plain sum in sorted order; others unchanged."""
-    terms = [t.strip() for t in name.split("+")]
-    if len(terms) < 2 or not all(_TERM.match(t) for t in terms):
-        return name
-    return " + ".join(sorted(terms))
-
-
-def canonical_dims(model: ir.Model) -> int:
-    """Rewrite every symbolic dim that is a sum into its canonical spelling; returns dims changed."""
-    changed = 0
-    values = list(model.graph.inputs) + [v for node in model.graph for v in node.outputs]
-    for value in values:
-        shape = value.shape
-        if shape is None:
-            continue
-        dims = list(shape)
-        new = [ir.SymbolicDim(canonical_dim(d.value)) if isinstance(d, ir.SymbolicDim) and d.value else d for d in dims]
-        if any(isinstance(a, ir.SymbolicDim) and a.value != b.value for a, b in zip(dims, new)):
-            value.shape = ir.Shape(new)
-            changed += 1
-    return changed
+from llmopt.passes.fuse_common import MS, const_ints
 
 
 class PackQKV(pattern.RewriteRuleClassBase):
@@ -315,165 +166,6 @@ def gqa_seqlens_from_shape(model: ir.Model, nodes: list[ir.Node]) -> int:
     return len(nodes)
 
 
-def _one_row(v: ir.Value) -> bool:
-    """``v`` is ``[1, S]``: by its shape, or (shapes not inferred yet) as ``Unsqueeze(range, [0])``."""
-    if v.shape is not None:
-        return len(v.shape) == 2 and v.shape[0] == 1
-    node = v.producer()
-    if node is None or node.op_type != "Unsqueeze" or len(node.inputs) < 2:
-        return False
-    src = node.inputs[0]
-    return _ints(node.inputs[1]) == [0] and src is not None and src.shape is not None and len(src.shape) == 1
-
-
-def rotary_positions_per_row(model: ir.Model) -> int:
-    """Give every ``RotaryEmbedding`` position ids with one row per batch row.
-
-    An export without a KV cache computes positions as a ``[1, S]`` range that broadcasts over the
-    batch; ONNX Runtime's ``RotaryEmbedding`` (and the ``GroupQueryAttention`` sequence lengths
-    derived from it) want ``[batch, S]``. The range is expanded to the batch of ``input_ids``
-    (else of the rotary input): the same positions in every row, as the source computed."""
-    graph = model.graph
-    ids = next((v for v in graph.inputs if v.name == "input_ids" and v.shape is not None and len(v.shape) == 2), None)
-    expanded: dict[int, ir.Value] = {}
-    n = 0
-    for node in list(graph):
-        if node.op_type != "RotaryEmbedding" or node.domain != MS or len(node.inputs) < 2:
-            continue
-        pos = node.inputs[1]
-        if pos is None or not _one_row(pos):
-            continue
-        if id(pos) not in expanded:
-            source = ids if ids is not None else node.inputs[0]
-            tag = f"{pos.name or 'positions'}_per_row"
-            batch = ir.node("Shape", [source], attributes={"start": 0, "end": 1}, name=f"{tag}_batch")
-            seq = ir.node("Shape", [pos], attributes={"start": 1, "end": 2}, name=f"{tag}_seq")
-            shape = ir.node("Concat", [batch.outputs[0], seq.outputs[0]], attributes={"axis": 0}, name=f"{tag}_shape")
-            rows = ir.node("Expand", [pos, shape.outputs[0]], name=tag)
-            out = rows.outputs[0]
-            out.name, out.type = tag, pos.type or ir.TensorType(ir.DataType.INT64)
-            seq_dim = pos.shape[1] if pos.shape is not None else "sequence_length"
-            out.shape = ir.Shape([source.shape[0] if source.shape is not None else "batch", seq_dim])
-            producer = pos.producer()
-            if producer is not None:
-                graph.insert_after(producer, [batch, seq, shape, rows])
-            else:
-                graph.insert_before(next(iter(graph)), [batch, seq, shape, rows])
-            expanded[id(pos)] = out
-        node.replace_input_with(1, expanded[id(pos)])
-        n += 1
-    return n
-
-
-class SiluAsQuickGelu(pattern.RewriteRuleClassBase):
-    """``Mul(x, Sigmoid(x))`` → ``QuickGelu(x, alpha=1.0)`` (com.microsoft): SiLU in one kernel."""
-
-    def pattern(self, op, x):
-        return op.Mul(x, op.Sigmoid(x))
-
-    def rewrite(self, op, x):
-        return op.QuickGelu(x, alpha=1.0, _domain=MS)
-
-
-def _same_dim(a, b) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return a == b
-    return isinstance(a, ir.SymbolicDim) and isinstance(b, ir.SymbolicDim) and a.value is not None and a.value == b.value
-
-
-class FlattenedLinear(pattern.RewriteRuleClassBase):
-    """``Reshape(MatMul(Reshape(x, [-1, K]), W) [+ b], [B, S, N])`` → ``MatMul(x, W) [+ b]``.
-
-    GPT-2's export flattens every linear layer to 2-D and back (its ``Conv1D`` is ``addmm``).
-    MatMul broadcasts over the leading dims, so the pair of Reshapes is a no-op when the output
-    shape is the input's leading dims plus N. ``source='mha'``: the input is a
-    ``MultiHeadAttention`` output (already ``[B, S, D]``; the fusion left a 2-D annotation on it).
-    """
-
-    def __init__(self, has_bias: bool, source: str):
-        super().__init__(f"FlattenedLinear{'_bias' if has_bias else ''}_{source}")
-        self.has_bias, self.source = has_bias, source
-
-    def pattern(self, op, x, flat, w, b, shape):
-        inp = op.Reshape(x, flat) if self.source == "reshape" else x
-        y = op.MatMul(inp, w)
-        if self.has_bias:
-            y = op.Add(y, b)
-        return op.Reshape(y, shape, _outputs=["out"])
-
-    def check(self, context, x, w, out, flat=None, b=None, **_):
-        result = pattern.MatchResult()
-        if w.const_value is None or len(w.const_value.shape) != 2:
-            return result.fail("weight is not a constant 2-D tensor", w)
-        k, n = w.const_value.shape
-        if self.has_bias and (b.const_value is None or tuple(b.const_value.shape) != (n,)):
-            return result.fail("bias is not a constant vector of the output size", b)
-        if self.source == "reshape":
-            lead = x.shape
-            if lead is None or len(lead) != 3 or not _same_dim(lead[2], k):
-                return result.fail("input is not [B, S, K]", x)
-            if _ints(flat) != [-1, k]:
-                return result.fail(f"inner Reshape is to {_ints(flat)}, not [-1, {k}]", flat)
-        else:
-            producer = x.producer()
-            if producer is None or producer.op_type != "MultiHeadAttention" or producer.domain != MS:
-                return result.fail("input is not a MultiHeadAttention output", x)
-            lead = producer.inputs[0].shape
-            if lead is None or len(lead) != 3:
-                return result.fail("attention query is not [B, S, D]", producer.inputs[0])
-        if out.shape is None or len(out.shape) != 3 or not all(_same_dim(a, c) for a, c in zip(out.shape[:2], lead[:2])) \
-                or not _same_dim(out.shape[2], n):
-            return result.fail(f"outer Reshape gives {out.shape}, not the input's leading dims plus {n}", out)
-        return result
-
-    def rewrite(self, op, x, w, b=None, **_):
-        y = op.MatMul(x, w)
-        return op.Add(y, b) if self.has_bias else y
-
-
-class GeluTanhHalfFirst(pattern.RewriteRuleClassBase):
-    """``(0.5·x) · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`` → ``FastGelu(x)``.
-
-    onnxscript's tanh-GELU rule expects ``x · (0.5 · (1 + tanh(…)))``; torch's export of
-    ``gelu(approximate='tanh')`` (GPT-2's ``gelu_new``) multiplies by 0.5 first.
-    """
-
-    def pattern(self, op, x, half, three, c1, c2, one):
-        inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, three), c1)), c2)
-        return op.Mul(op.Mul(x, half), op.Add(op.Tanh(inner), one))
-
-    def check(self, context, half, three, c1, c2, one, **_):
-        result = pattern.MatchResult()
-        want = {"half": (half, 0.5), "three": (three, 3.0), "c1": (c1, 0.044715), "c2": (c2, (2 / np.pi) ** 0.5), "one": (one, 1.0)}
-        for name, (v, expected) in want.items():
-            if v.const_value is None or v.const_value.size != 1:
-                return result.fail(f"{name} is not a constant scalar", v)
-            if not np.isclose(float(v.const_value.numpy().reshape(-1)[0]), expected, rtol=1e-5):
-                return result.fail(f"{name} is {float(v.const_value.numpy().reshape(-1)[0])}, not {expected}", v)
-        return result
-
-    def rewrite(self, op, x, **_):
-        return op.FastGelu(x, _domain=MS)
-
-
-class FastGeluBias(pattern.RewriteRuleClassBase):
-    """``FastGelu(Add(x, b))`` with a constant vector ``b`` → ``FastGelu(x, b)`` (the kernel adds the bias)."""
-
-    def pattern(self, op, x, b):
-        return op.FastGelu(op.Add(x, b), _domain=MS)
-
-    def check(self, context, x, b, **_):
-        result = pattern.MatchResult()
-        if b.const_value is None or len(b.const_value.shape) != 1:
-            return result.fail("bias is not a constant vector", b)
-        if x.shape is None or not _same_dim(x.shape[-1], b.const_value.shape[0]):
-            return result.fail("bias length differs from the last dim", [x, b])
-        return result
-
-    def rewrite(self, op, x, b):
-        return op.FastGelu(x, b, _domain=MS)
-
-
 class SlicedQKV(pattern.RewriteRuleClassBase):
     """``GroupQueryAttention(p[..., :Dq], p[..., Dq:Dq+Dkv], p[..., Dq+Dkv:], ...)`` → ``GroupQueryAttention(p, -, -, ...)``.
 
@@ -498,17 +190,17 @@ class SlicedQKV(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if p.shape is None or len(p.shape) != 3 or not isinstance(p.shape[2], int):
             return result.fail("packed input is not [B, S, D] with a known D", p)
-        if _ints(axes) not in ([2], [-1]):
+        if const_ints(axes) not in ([2], [-1]):
             return result.fail("slices are not on the last axis", axes)
         width = p.shape[2]
-        bounds = [(_ints(s0), _ints(e0)), (_ints(s1), _ints(e1)), (_ints(s2), _ints(e2))]
+        bounds = [(const_ints(s0), const_ints(e0)), (const_ints(s1), const_ints(e1)), (const_ints(s2), const_ints(e2))]
         if any(s is None or e is None or len(s) != 1 or len(e) != 1 for s, e in bounds):
             return result.fail("slice bounds are not constants", [s0, e0, s1, e1, s2, e2])
         (a0, b0), (a1, b1), (a2, b2) = ((s[0], min(e[0], width)) for s, e in bounds)
         if not (a0 == 0 and b0 == a1 and b1 == a2 and b2 == width):
             return result.fail(f"slices [{a0}:{b0}], [{a1}:{b1}], [{a2}:{b2}] do not tile [0:{width}] in Q, K, V order", p)
         for steps in (st0, st1, st2):
-            if _ints(steps) != [1]:
+            if const_ints(steps) != [1]:
                 return result.fail("a slice has a step other than 1", steps)
         return result
 
