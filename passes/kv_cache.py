@@ -201,7 +201,6 @@ class KVCache(Pass):
             if node.inputs[3] is not None or node.inputs[4] is not None:
                 raise KVCacheError(f"kv-cache: {node.name} already has past inputs but the graph has none")
             kv_heads = node.attributes["kv_num_heads"].as_int()
-            heads = node.attributes["num_heads"].as_int()
             q = node.inputs[0]
             head_dim = graph_util.gqa_head_dim(node)
             if head_dim is None:

@@ -254,17 +254,15 @@ def save(model: ir.Model, path: str | os.PathLike, progress=None, data_name: str
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    callback = None
-    if progress is not None:
+    done = 0
 
-        done = 0
+    def counted(_tensor, info):  # may run on worker threads, serialized: count calls
+        nonlocal done
+        done += 1
+        progress(done, info.total)
 
-        def callback(_tensor, info):  # may run on worker threads, serialized: count calls
-            nonlocal done
-            done += 1
-            progress(done, info.total)
-
-    ir.save(model, p, external_data=data_name or p.name + DATA_SUFFIX, size_threshold_bytes=INLINE_LIMIT_BYTES, callback=callback)
+    ir.save(model, p, external_data=data_name or p.name + DATA_SUFFIX, size_threshold_bytes=INLINE_LIMIT_BYTES,
+            callback=counted if progress is not None else None)
     return p
 
 
