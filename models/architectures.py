@@ -31,6 +31,19 @@ EXTRA: dict[str, dict] = {
     "codegen": dict(hidden_size=128, num_attention_heads=2, rotary_dim=32),  # head 64
 }
 
+# Mixture-of-experts decoders (issue 15): 4 experts, 2 per token, as what their tiny config changes
+# from ``_TINY``. Exported with transformers' ``batched_mm`` experts (llmopt.frontend.exporter).
+MOE: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, head_dim=16),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                    layer_types=["sliding_attention", "full_attention"]),
+}
+
 _TINY = dict(
     vocab_size=512,
     hidden_size=64,
@@ -60,10 +73,12 @@ def config(arch: str, size: str = "tiny", layers: int | None = None):
     """A transformers config for ``arch`` at ``size`` ('tiny', '50m' or '300m'); ``layers`` overrides the depth of 'tiny'."""
     from transformers import AutoConfig
 
-    if arch not in ARCHITECTURES and arch not in EXTRA:
-        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHITECTURES + tuple(EXTRA))}")
-    if size == "tiny" and arch in EXTRA:
-        kw = {k: v for k, v in {**_TINY, "num_hidden_layers": layers or 2, **EXTRA[arch]}.items() if v is not None}
+    known = ARCHITECTURES + tuple(EXTRA) + tuple(MOE)
+    if arch not in known:
+        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(known)}")
+    if size == "tiny" and (arch in EXTRA or arch in MOE):
+        changes = EXTRA.get(arch) or MOE[arch]
+        kw = {k: v for k, v in {**_TINY, "num_hidden_layers": layers or 2, **changes}.items() if v is not None}
         return AutoConfig.for_model(arch, **kw)
     if size == "tiny":
         if arch == "gpt2":

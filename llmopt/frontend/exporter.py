@@ -85,7 +85,21 @@ def load_hf_model(model_dir: Path):
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    _traceable_experts(model)
     return model.eval()
+
+
+def _traceable_experts(model) -> None:
+    """Mixture-of-experts blocks computed in a form torch.onnx can trace.
+
+    transformers' default ("eager") experts loop over the experts a batch hit, a data-dependent loop
+    torch.onnx cannot convert. Its own ``batched_mm`` implementation computes the same function
+    without one: each (token, chosen expert) pair gathers its expert's weights and runs one batched
+    matmul, and the routing weights sum the results (transformers.integrations.moe). Models without
+    experts are left as they are."""
+    can_set = getattr(type(model), "_can_set_experts_implementation", None)
+    if can_set is not None and can_set():
+        model.set_experts_implementation("batched_mm")
 
 
 def _wrap(model, with_past: bool):
