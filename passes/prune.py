@@ -36,7 +36,7 @@ from llmopt.core import graph_util
 from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass
 from llmopt.errors import LlmoptError, PipelineError
-from llmopt.quant.sites import LinearSite, linear_site
+from llmopt.quant.sites import LinearSite, linear_sites
 
 SPARSITY_KEY = "llmopt.sparsity"  # per-tensor sparsity, JSON in the model's metadata
 
@@ -163,9 +163,7 @@ class Prune(Pass):
 
     # ------------------------------------------------------------------ helpers
     def _sites(self, model: ir.Model) -> list[LinearSite]:
-        found = (linear_site(n, self.options.min_elements, self.options.exclude, plain=True, fold_bias=False)
-                 for n in model.graph)
-        return [s for s in found if isinstance(s, LinearSite)]
+        return linear_sites(model.graph, self.options.min_elements, self.options.exclude, plain=True, fold_bias=False)
 
     def _global_threshold(self, sites, norms) -> float:
         """The score below which ``sparsity`` of all weights fall: found by streaming, one tensor at

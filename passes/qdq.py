@@ -29,7 +29,7 @@ from llmopt.core.registry import register_pass
 from llmopt.errors import PipelineError
 from llmopt.quant import lower
 from llmopt.quant.edit import QuantEdit
-from llmopt.quant.sites import linear_site
+from llmopt.quant.sites import linear_sites
 from llmopt.quant.spec import CALIBRATION_METHODS, QuantSpec
 from llmopt.quant.tensor import quantize
 
@@ -97,8 +97,8 @@ class QDQ(Pass):
         from llmopt.ort import calibration
 
         o, spec = self.options, self.options.activation_spec
-        sites = [linear_site(n, o.min_elements, o.exclude, fold_bias=False) for n in model.graph]
-        inputs = sorted({s.activation.name for s in sites if not isinstance(s, (str, type(None))) and s.activation is not None})
+        sites = linear_sites(model.graph, o.min_elements, o.exclude, fold_bias=False)
+        inputs = sorted({s.activation.name for s in sites if s.activation is not None})
         obs, sequences = calibration.observe(model, inputs, o, calibration.Histogram)
         self.count("calibration_sequences", sequences)
         return {name: ob.range(spec.calibration, spec.percentile) for name, ob in obs.items()}

@@ -56,7 +56,7 @@ from llmopt.core.registry import register_pass
 from llmopt.errors import InputError, PipelineError
 from llmopt.quant import lower
 from llmopt.quant.edit import QuantEdit
-from llmopt.quant.sites import embedding_table, is_linear, linear_site
+from llmopt.quant.sites import embedding_table, linear_sites
 from llmopt.quant.spec import QuantSpec
 from llmopt.quant.tensor import quantize
 
@@ -103,7 +103,8 @@ class WeightOnly(Pass):
         o, edit = self.options, QuantEdit(self, model)
         hessians = self._hessians(model) if o.method in ("gptq", "auto") else {}
         # [K, N] shapes of embedding tables: an lm_head of that shape may hold a tied table's bytes
-        tables = {tuple(t.const_value.shape)[::-1] for _, t in _tables(model, o)}
+        found = (embedding_table(node, o.min_elements) for node in model.graph) if o.gather else ()
+        tables = {tuple(t.const_value.shape)[::-1] for t in found if isinstance(t, ir.Value)}
         shareable: dict[bytes, ir.Value] = {}  # MatMulNBits weights by content (see the docstring)
         for site in edit.linear_sites(o.min_elements, o.exclude):
             w = site.weight_array()
@@ -125,8 +126,8 @@ class WeightOnly(Pass):
         from llmopt.ort import calibration
 
         o = self.options
-        inputs = sorted({n.inputs[0].name for n in model.graph if is_linear(n) and n.inputs[0] is not None
-                         and not isinstance(linear_site(n, o.min_elements, fold_bias=False), (str, type(None)))})
+        inputs = sorted({s.activation.name for s in linear_sites(model.graph, o.min_elements, fold_bias=False)
+                         if s.activation is not None})
         try:
             obs, sequences = calibration.observe(model, inputs, o, calibration.Gram)
         except InputError as exc:
@@ -161,13 +162,6 @@ class WeightOnly(Pass):
             if shared is not None:
                 self.count("gather_shared")
         self.count("gather")
-
-
-def _tables(model: ir.Model, o: WeightOnlyOptions):
-    for node in model.graph:
-        t = embedding_table(node, o.min_elements) if o.gather else None
-        if isinstance(t, ir.Value):
-            yield node, t
 
 
 def _digest(packed: np.ndarray, scale: np.ndarray, zp: np.ndarray | None) -> bytes:

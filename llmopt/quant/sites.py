@@ -113,6 +113,12 @@ def linear_site(node: ir.Node, min_elements: int = 0, exclude=(), *, plain: bool
     return site
 
 
+def linear_sites(graph: ir.Graph, min_elements: int = 0, exclude=(), **kw) -> list[LinearSite]:
+    """Every linear site of ``graph`` (``linear_site``'s keywords), skips dropped."""
+    found = (linear_site(node, min_elements, exclude, **kw) for node in graph)
+    return [s for s in found if isinstance(s, LinearSite)]
+
+
 def _bias_add(out: ir.Value, n: int) -> tuple[ir.Value | None, ir.Node | None]:
     """A single ``Add`` of a constant float32 ``[n]`` right after ``out``: a kernel's bias input."""
     if len(out.uses()) != 1 or out.is_graph_output():
