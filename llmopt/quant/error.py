@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from llmopt.quant.spec import QUANT_ERROR_KEY
+from llmopt.quant.spec import QUANT_ERROR_KEY, blocks
 
 _ERROR_CHUNK = 1 << 20  # elements per chunk when measuring an error (bounded temporaries)
 
@@ -46,8 +46,6 @@ def block_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero, block: in
     """Relative RMS error of MatMulNBits-layout blocks against ``w`` [K, N]: ``q`` [N, n_blocks, block]
     integers, ``scale`` [N, n_blocks] (or flat), ``zero`` [N, n_blocks] or a scalar. Padding rows
     dequantize to 0, so the padded layout measures the error of ``w`` itself."""
-    from llmopt.quant.tensor import blocks
-
     n, nb = q.shape[0], q.shape[1]
     scale = np.reshape(scale, (n, nb, 1))
     zero = np.reshape(zero, (n, nb, 1)) if np.ndim(zero) else zero

@@ -107,3 +107,12 @@ class QuantSpec:
         narrow = self.symmetric and self.narrow_range
         lo, hi = (self.midpoint - self.levels, self.midpoint + self.levels) if narrow else (self.qmin, self.qmax)
         return np.clip(np.rint(x / scale) + zero, lo, hi).astype(np.int32)
+
+
+def blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """``w`` [K, N] → [N, n_blocks, block], zero-padded along K: MatMulNBits' block layout."""
+    k, n = w.shape
+    nb = -(-k // block)
+    wt = np.zeros((n, nb * block), dtype=np.float32)
+    wt[:, :k] = w.T
+    return wt.reshape(n, nb, block)

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from llmopt.quant.error import block_error, dense_error
-from llmopt.quant.spec import QuantSpec
+from llmopt.quant.spec import QuantSpec, blocks
 
 
 @dataclasses.dataclass
@@ -36,15 +36,6 @@ class QTensor:
         if self.spec.granularity == "block":
             return block_error(w, self.q, self.scale, self.zero, self.spec.block_size)
         return dense_error(w, self.q, self.scale, self.zero)
-
-
-def blocks(w: np.ndarray, block: int) -> np.ndarray:
-    """``w`` [K, N] → [N, n_blocks, block], zero-padded along K: MatMulNBits' block layout."""
-    k, n = w.shape
-    nb = -(-k // block)
-    wt = np.zeros((n, nb * block), dtype=np.float32)
-    wt[:, :k] = w.T
-    return wt.reshape(n, nb, block)
 
 
 def quantize(w: np.ndarray, spec: QuantSpec, hessian: np.ndarray | None = None, damp: float = 0.01) -> QTensor:
