@@ -126,6 +126,10 @@ def export_input_ids_only(hf_dir: str | Path, out: str | Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    if getattr(type(model), "_can_set_experts_implementation", lambda: False)():
+        # transformers' default experts (grouped_mm) do not convert; the one setting a user must
+        # change to export a mixture-of-experts model at all (docs/guide.md)
+        model.set_experts_implementation("batched_mm")
 
     class LogitsOnly(torch.nn.Module):
         def __init__(self):

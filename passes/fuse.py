@@ -37,6 +37,7 @@ class FuseOptions:
     rotary: bool = option(True, "rotary embeddings and their cos/sin caches")
     attention: str = option("auto", "auto (GroupQueryAttention where it matches, else MultiHeadAttention) | gqa | mha | none")
     pack_qkv: bool = option(True, "pack the Q/K/V projections feeding GroupQueryAttention into one MatMul")
+    moe: bool = option(True, "routed mixture-of-experts blocks → MoE (their routing and activation checked numerically)")
     gelu: bool = option(True, "GELU forms → Gelu / FastGelu / BiasGelu")
     silu: bool = option(False, "x·Sigmoid(x) → QuickGelu(alpha=1) (off: no measurable gain on CPU, docs/benchmarks.md)")
     clear_metadata: bool = option(False, "drop node metadata and doc strings (exporter stack traces)")
@@ -152,6 +153,13 @@ class Fuse(Pass):
     def _run_stage(self, model: ir.Model, stage: Stage) -> None:
         if stage.func is not None:
             n = stage.func(model)
+            if isinstance(n, tuple):  # (count, notes): what a function stage found and left alone, and why
+                n, notes = n
+                for note in notes:
+                    self.warn(f"{stage.name}: {note}")
+                    if self.explain:
+                        self.explain_why(stage=stage.name, rule=stage.name, status="left unfused", reason=note,
+                                         matched_nodes=0)
             if n and stage.shape_inference:
                 common_passes.ShapeInferencePass()(model)
         else:

@@ -19,6 +19,8 @@ reciprocal_div
 (reinfer_shapes)       shapes again; canonical_round_two: the canonical forms  llmopt
                        again with them, then identity_reshape again
 canonical_dims         ``seq + past`` and ``past + seq`` spelled alike         llmopt
+moe                    routed expert block (router → top-k → expert MLPs →     llmopt
+                       weighted sum) → ``MoE`` (fuse_moe.py)
 rms_normalization      RMSNorm → ``SimplifiedLayerNormalization``              onnxscript
 skip_*_normalization   residual Add + norm → ``Skip(Simplified)LayerNorm``     onnxscript
 rotary_embedding       rotate-half → ``RotaryEmbedding``                       onnxscript
@@ -48,6 +50,7 @@ silu                   ``x·Sigmoid(x)`` → ``QuickGelu(alpha=1)``             
 llmopt's own rules either put today's exports into the form the fusion patterns expect, or finish
 what those fusions leave for ONNX Runtime: ``fuse_linear.py`` (linear layers), ``fuse_shapes.py``
 (shapes), ``fuse_rotary.py`` (rotary embeddings), ``fuse_attention.py`` (attention),
+``fuse_moe.py`` (mixture-of-experts blocks),
 ``fuse_activations.py`` (GELU, SiLU) and ``fuse_canonical.py`` (TorchScript's idioms).
 """
 
@@ -82,6 +85,7 @@ from llmopt.passes import fuse_canonical as canon
 from llmopt.passes.fuse_activations import FastGeluBias, GeluTanhHalfFirst, SiluAsQuickGelu
 from llmopt.passes.fuse_attention import PackQKV, ScaledGQA, SlicedQKV, SoftcapSDPA, gqa_seqlens_from_mask
 from llmopt.passes.fuse_linear import FlattenedLinear, gemm_to_matmul
+from llmopt.passes.fuse_moe import fuse_moe
 from llmopt.passes.fuse_rotary import RotaryAngles, rotary_positions_per_row
 from llmopt.passes.fuse_shapes import IdentityReshape, canonical_dims
 
@@ -95,7 +99,7 @@ class Stage:
 
     name: str
     rules: pattern.RewriteRuleSet | None = None
-    func: Callable[[ir.Model], int] | None = None
+    func: Callable[[ir.Model], int | tuple[int, list[str]]] | None = None  # a count, or (count, notes)
     enabled: Callable[[FuseOptions], bool] = lambda o: True
     shape_inference: bool = False  # re-infer shapes after it fired (rules that add nodes)
     group: str = ""  # consecutive stages of a group are one unit: checked and rolled back together
@@ -158,6 +162,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("identity_reshape", _rules(IdentityReshape.rule())),
     Stage("drop_identity", func=lambda m: int(common_passes.IdentityEliminationPass()(m).modified)),
     Stage("canonical_dims", func=canonical_dims),
+    Stage("moe", func=fuse_moe, enabled=lambda o: o.moe, group="moe"),
     Stage("erf_gelu", erfgelu.rules, enabled=lambda o: o.gelu),
     Stage("rms_normalization", rms_normalization.rms_normalization_ruleset, enabled=lambda o: o.norm),
     Stage("skip_layer_normalization", skip_normalization.skip_layer_normalization_ruleset, enabled=lambda o: o.norm),

@@ -119,7 +119,7 @@ def test_summary_passes_targets_inspect(tmp_path, model_copy):
     res = llmopt_cli("passes")
     assert res.returncode == 0 and "quantize-dynamic" in res.stdout and "input_size_limit=8192" in res.stdout
     res = llmopt_cli("targets", "--json")
-    assert json.loads(res.stdout)["cpu-int8"]["pipeline"] == "fold,cleanup,fuse,kv-cache,quantize-dynamic,cleanup"
+    assert json.loads(res.stdout)["cpu-int8"]["pipeline"] == "fold,cleanup,fuse,kv-cache,quantize-moe{bits=8,block_size=128},quantize-dynamic,cleanup"
     res = llmopt_cli("inspect", tmp_path / "a", "--json")
     info = json.loads(res.stdout)
     assert info["ops"]["com.microsoft::MatMulNBits"] >= 1

@@ -18,7 +18,7 @@ from llmopt import __version__
 from llmopt.compiler.plan import Plan
 from llmopt.compiler.publish import Staged
 from llmopt.compiler.run import Loaded
-from llmopt.core import graph_util, model_io
+from llmopt.core import experts, graph_util, model_io
 from llmopt.core.manager import PipelineResult
 from llmopt.frontend.inspector import kv_cache_info
 from llmopt.ort import machine
@@ -58,6 +58,7 @@ def build(plan: Plan, loaded: Loaded, result: PipelineResult, staged: Staged) ->
             "source_nodes": loaded.nodes,
             "ops": graph_util.op_histogram(model),
             "source_ops": loaded.ops,
+            "experts": experts.parameter_split(model),  # mixture of experts: total vs active per token
         },
         "verification": None,
         "speed": None,

@@ -122,7 +122,7 @@ def _wrap(model, with_past: bool):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.model.config)
+            cache = DynamicCache()  # full layers: the past comes in whole and the mask applies any sliding window
             for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(

@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from llmopt.core import model_io, graph_util
+from llmopt.core import experts, graph_util, model_io
 
 _BYTES = {ir.DataType.FLOAT: 4, ir.DataType.FLOAT16: 2, ir.DataType.BFLOAT16: 2, ir.DataType.INT8: 1, ir.DataType.UINT8: 1}
 
@@ -66,6 +66,7 @@ def inspect_model(path: str | os.PathLike, sparsity: bool = False) -> dict[str, 
             "count": sum(p["count"] for p in params.values()),
             "bytes": sum(p["bytes"] for p in params.values()),
             "by_dtype": params,
+            "experts": experts.parameter_split(model),
         },
         "io": graph_util.io_signature(model),
         "kv_cache": kv_cache_info(model),
@@ -84,6 +85,15 @@ def format_inspection(info: dict[str, Any]) -> str:
     lines.append(f"  parameters: {human_count(p['count'])} in {human_bytes(p['bytes'])}")
     for dt, e in p["by_dtype"].items():
         lines.append(f"    {dt:<10} {human_count(e['count']):>10}  {human_bytes(e['bytes']):>10}")
+    moe = p.get("experts")
+    if moe:
+        k = "/".join(map(str, moe["k"])) or "?"
+        e = "/".join(map(str, moe["experts"]))
+        lines.append(f"  mixture of experts: {moe['blocks']} blocks of {e} experts, top-{k}; experts hold "
+                     f"{human_count(moe['expert_count'])} ({human_bytes(moe['expert_bytes'])})")
+        lines.append(f"  active per token: {human_count(moe['active_count'])} parameters "
+                     f"({human_bytes(moe['active_bytes'])}) of {human_count(p['count'])}"
+                     + (f"; k unknown in {moe['k_unknown_blocks']} blocks (counted whole)" if moe["k_unknown_blocks"] else ""))
     lines.append("  inputs:")
     for v in info["io"]["inputs"]:
         lines.append(f"    {v['name']:<32} {v['dtype']:<8} {v['shape']}")

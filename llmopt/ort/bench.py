@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from llmopt.core import model_io
+from llmopt.core.experts import ExpertGroup, expert_groups
 from llmopt.ort import machine
 from llmopt.core.atomic import write_atomic
 from llmopt.errors import InputError
@@ -92,27 +93,39 @@ class WeightBytes:
     gathered: int  # bytes of tables only ever indexed by Gather (embeddings): a step reads one row per token
     gathered_rows: int  # rows of those tables, summed (bytes per row = gathered / rows, table by table below)
     row_bytes: int  # bytes of one row of each gathered table, summed over the tables
+    experts: tuple[ExpertGroup, ...] = ()  # mixture-of-experts tensors (llmopt.core.experts)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(g.bytes for g in self.experts)
 
     def read_per_step(self, batch: int) -> int:
-        """Bytes a decode step of ``batch`` sequences reads: everything but the gathered tables, plus one
-        row of each per sequence (a table also read by a MatMul, e.g. a tied lm_head, counts whole)."""
-        return self.total - self.gathered + min(self.gathered, batch * self.row_bytes)
+        """Bytes a decode step of ``batch`` sequences reads: everything but the gathered tables and the
+        experts, plus one row of each table per sequence (a table also read by a MatMul, e.g. a tied
+        lm_head, counts whole) and the experts the step's tokens are expected to use (k of E per
+        token, ``ExpertGroup.fraction_read``)."""
+        experts = sum(g.bytes * g.fraction_read(batch) for g in self.experts)
+        return int(self.total - self.gathered - self.expert_bytes + min(self.gathered, batch * self.row_bytes) + experts)
 
 
 def weight_bytes(path: Path) -> WeightBytes:
     model = model_io.load(model_io.resolve_model_file(path))
+    groups = tuple(expert_groups(model))
+    in_experts = {name for g in groups for name in g.tensors}
     total = gathered = rows = row_bytes = 0
     for value in model.graph.initializers.values():
         t = value.const_value
         if t is None:
             continue
         total += t.nbytes
+        if value.name in in_experts:
+            continue
         uses = value.uses()
         if uses and t.shape.rank() >= 2 and all(u.node.op_type in GATHER_OPS and u.idx != 1 for u in uses):
             gathered += t.nbytes
             rows += int(t.shape[0])
             row_bytes += t.nbytes // max(1, int(t.shape[0]))
-    return WeightBytes(total, gathered, rows, row_bytes)
+    return WeightBytes(total, gathered, rows, row_bytes, groups)
 
 
 def _one(gen: Generator, batch: int, s: BenchSettings) -> dict[str, Any]:
@@ -155,6 +168,7 @@ def benchmark(artifact: str | os.PathLike, baseline: str | os.PathLike | None = 
         out["models"][key] = {"path": str(path), "load_s_median": round(statistics.median(loads[key]), 4),
                               "kv_buffer": g.layout.buffer, "loop": "naive (numpy round trip)" if g.naive else "IOBinding",
                               "weights_bytes": weights[key].total, "weights_bytes_gathered": weights[key].gathered,
+                              "weights_bytes_experts": weights[key].expert_bytes,
                               "batches": {}}
     for batch in settings.batches:
         runs: dict[str, list[dict]] = {k: [] for k in models}
