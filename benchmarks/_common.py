@@ -19,6 +19,7 @@ def machine() -> dict:
         info["cpu"] = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
         flags = re.search(r"Flags:\s*(.+)", lscpu).group(1).split()
         info["isa"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+        info["caches"] = {m.group(1): m.group(2).strip() for m in re.finditer(r"^(L1d|L2|L3) cache:\s*(.+)$", lscpu, re.M)}
     except (OSError, AttributeError):
         info["cpu"] = platform.processor()
     from llmopt.ort.machine import last_level_cache_bytes

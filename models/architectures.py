@@ -69,8 +69,17 @@ LLAMA_SIZES = {
 }
 
 
+MOE_SIZES = {
+    # Mixtral-shaped, 8 experts top-2: 12 layers × (8 × 3 × 768 × 1536 experts + 1.57M attention) +
+    # 2 × 24.6M (embeddings, lm_head) ≈ 408M parameters (1.63 GB fp32), ~153M active per token
+    "400m": dict(vocab_size=32000, hidden_size=768, intermediate_size=1536, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2),
+}
+
+
 def config(arch: str, size: str = "tiny", layers: int | None = None):
-    """A transformers config for ``arch`` at ``size`` ('tiny', '50m' or '300m'); ``layers`` overrides the depth of 'tiny'."""
+    """A transformers config for ``arch`` at ``size`` ('tiny', '50m' or '300m' for llama, '400m' for
+    mixtral); ``layers`` overrides the depth of 'tiny'."""
     from transformers import AutoConfig
 
     known = ARCHITECTURES + tuple(EXTRA) + tuple(MOE)
@@ -90,11 +99,15 @@ def config(arch: str, size: str = "tiny", layers: int | None = None):
         if arch == "gemma":
             kw["head_dim"] = 16
         return AutoConfig.for_model(arch, **kw)
+    if size in MOE_SIZES:
+        if arch != "mixtral":
+            raise ValueError(f"the {size} size is defined for mixtral only")
+        return AutoConfig.for_model("mixtral", max_position_embeddings=2048, **MOE_SIZES[size])
     if size in LLAMA_SIZES:
         if arch != "llama":
             raise ValueError(f"the {size} size is defined for llama only")
         return AutoConfig.for_model("llama", max_position_embeddings=2048, **LLAMA_SIZES[size])
-    raise ValueError(f"unknown size {size!r}; 'tiny', '50m' or '300m'")
+    raise ValueError(f"unknown size {size!r}; 'tiny', '50m', '300m' (llama) or '400m' (mixtral)")
 
 
 def build(arch: str, out: str | Path, size: str = "tiny", seed: int = 0, layers: int | None = None) -> Path:

@@ -219,6 +219,7 @@ class KVCache(Pass):
             self.count("layers_given_cache")
         self.count("cos_sin_tables", self._constant_rotary_tables(model, gqas))
         common.RemoveUnusedNodesPass()(model)
+        self.count("mask_dims_from_input_ids", _dims_from_input_ids(model, mask))
         others = _mask_readers(model, mask)
         if others:
             raise KVCacheError(f"kv-cache: attention_mask also feeds {', '.join(sorted(others))}, which "
@@ -281,11 +282,50 @@ def _mask_readers(model: ir.Model, mask: ir.Value) -> set[str]:
             if id(user) in seen:
                 continue
             seen.add(id(user))
+            if _batch_dim_only(user):  # the batch size (torch.export may take it from the mask): unchanged
+                continue
             for out in user.outputs:
                 if out.dtype is not None and out.dtype.is_floating_point():
                     bad.add(user.name)
                 todo.append(out)
     return bad
+
+
+def _dims_from_input_ids(model: ir.Model, mask: ir.Value) -> int:
+    """Without a cache the mask and ``input_ids`` have the same shape, and torch.export may read the
+    batch or sequence length off either; with one, the mask grows to past + new tokens. Readers of
+    the mask's shape (``Shape`` over dims 0..1) that feed more than GroupQueryAttention's lengths
+    are given the same ``Shape`` of ``input_ids``, which keeps their meaning."""
+    graph = model.graph
+    ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+    if ids is None:
+        return 0
+    n = 0
+    for shape, slot in list(mask.uses()):
+        if shape.op_type != "Shape" or shape.domain != "" or slot != 0:
+            continue
+        start, end = shape.attributes.get_int("start", 0), shape.attributes.get_int("end", None)
+        if end is None or not 0 <= start < end <= 2:
+            continue
+        twin = None
+        for user, i in list(shape.outputs[0].uses()):
+            if user.op_type == "GroupQueryAttention" or not any(_mask_readers(model, o) for o in user.outputs):
+                continue  # the lengths GroupQueryAttention takes from the mask
+            if twin is None:
+                twin = ir.node("Shape", [ids], attributes={"start": start, "end": end}, name=f"{shape.name}_of_input_ids")
+                graph.insert_after(shape, twin)
+                n += 1
+            user.replace_input_with(i, twin.outputs[0])
+    return n
+
+
+def _batch_dim_only(node: ir.Node) -> bool:
+    """``Shape(x, start=0, end=1)``: reads x's first dimension only."""
+    if node.op_type != "Shape" or node.domain != "":
+        return False
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", None)
+    return start == 0 and end == 1
 
 
 # Ops a rotary table is computed with, evaluated in numpy (positions → angles → cos/sin).

@@ -18,7 +18,7 @@ Squeeze Sub Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor
 
 CONTRIB = frozenset("""
 Attention BiasAdd BiasGelu BiasSoftmax FastGelu FusedMatMul GatedRelativePositionBias GemmFastGelu
-GroupQueryAttention MatMulBnb4 MatMulNBits MultiHeadAttention PackedMultiHeadAttention QuickGelu
+GroupQueryAttention MatMulBnb4 MatMulNBits MoE MultiHeadAttention PackedMultiHeadAttention QMoE QuickGelu
 RotaryEmbedding SimplifiedLayerNormalization SkipLayerNormalization SkipSimplifiedLayerNormalization
 """.split())
 

@@ -114,7 +114,7 @@ def test_compile_json_report_and_budget_failure(tmp_path, model_copy):
 def test_summary_passes_targets_inspect(tmp_path, model_copy):
     res = llmopt_cli("compile", model_copy, "-o", tmp_path / "a", "--target", "cpu-int8")
     assert res.returncode == 0, res.stderr
-    for word in ("size", "speed", "verify    PASS", "pass    [5/6] quantize-dynamic"):
+    for word in ("size", "speed", "verify    PASS", "pass    [6/7] quantize-dynamic"):
         assert word in res.stdout + res.stderr
     res = llmopt_cli("passes")
     assert res.returncode == 0 and "quantize-dynamic" in res.stdout and "input_size_limit=8192" in res.stdout

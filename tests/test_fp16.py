@@ -8,9 +8,10 @@ import llmopt
 from llmopt.ort.generation import Generator
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
 def test_cuda_fp16_compiles_and_verifies_on_cpu(exported, tmp_path, arch):
-    art = llmopt.compile(exported(arch, True), target="cuda-fp16", out=tmp_path / "a", measure_speed=False)
+    """With the target's defaults (speed measured too); Mixtral's experts as an fp16 MoE node."""
+    art = llmopt.compile(exported(arch, True), target="cuda-fp16", out=tmp_path / "a")
     r = art.report
     assert r["provider"] == "CUDAExecutionProvider" and r["verification"]["passed"]
     assert r["verification"]["figures"]["cosine"] > 0.999
@@ -26,3 +27,6 @@ def test_cuda_fp16_compiles_and_verifies_on_cpu(exported, tmp_path, arch):
     gen = Generator(art.path)
     assert gen.layout.dtype == np.float16
     assert len(gen.generate([[3, 4, 5, 6]], 4).tokens[0]) == 4
+    if arch == "mixtral":
+        moe = [n for n in model.graph if n.op_type == "MoE"]
+        assert len(moe) == 2 and all(n.inputs[2].const_value.dtype == ir.DataType.FLOAT16 for n in moe)

@@ -150,6 +150,21 @@ def test_total_and_active_parameters(exported, tmp_path):
     assert w.read_per_step(64) > w.total - w.gathered - 0.01 * w.expert_bytes  # 64 tokens: nearly every expert
 
 
+def test_kv_cache_and_prune_keep_working_on_moe_graphs(exported, tmp_path):
+    """An export without a cache (torch.export read its dims off attention_mask) gets one added
+    around the fused experts and generates what it computes; pruning runs beside quantize-moe."""
+    src = exported("mixtral", False)
+    art = llmopt.compile(src, target="cpu-fp32", out=tmp_path / "fp32")
+    counters = {p["name"]: p["counters"] for p in art.manifest["passes"]}
+    assert counters["fuse"]["moe"] == LAYERS and counters["kv-cache"]["layers_given_cache"] == LAYERS
+    assert Generator(art.path).generate([PROMPT], 32).tokens[0] == greedy_by_recompute(src, PROMPT, 32)
+    pruned = llmopt.compile(exported("mixtral"), target="cpu-int4", out=tmp_path / "pruned",
+                            passes="fold,cleanup,fuse,prune{sparsity=0.3},kv-cache,quantize-moe{bits=4},cleanup")
+    counters = {p["name"]: p["counters"] for p in pruned.manifest["passes"]}
+    assert pruned.manifest["verification"]["passed"] and counters["prune"]["zeros"] > 0
+    assert counters["quantize-moe"]["moe"] == LAYERS
+
+
 def _compile_and_generate(exported, arch, tmp_path, targets):
     src = exported(arch)  # with KV-cache I/O
     for target in targets:

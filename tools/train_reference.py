@@ -265,6 +265,10 @@ def main() -> None:
     ap.add_argument("--holdout-every", type=int, default=20)
     ap.add_argument("--holdout-offset", type=int, default=10)
     ap.add_argument("--max-weights-mb", type=float, default=20.0)
+    ap.add_argument("--experts", type=int, default=0,
+                    help="a mixture of experts (Mixtral architecture) with this many experts per layer, each of "
+                         "--intermediate width; 0: the dense Llama reference")
+    ap.add_argument("--experts-per-token", type=int, default=2)
     args = ap.parse_args()
 
     t_start = time.time()
@@ -336,7 +340,16 @@ def main() -> None:
         pad_token_id=PAD_ID,
         use_cache=True,
     )
-    model = LlamaForCausalLM(config)
+    if args.experts:
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(**{k: v for k, v in config.to_dict().items()
+                                  if k in MixtralConfig().to_dict() and k not in ("model_type", "architectures")},
+                               num_local_experts=args.experts, num_experts_per_tok=args.experts_per_token,
+                               output_router_logits=True, router_aux_loss_coef=0.01)
+        model = MixtralForCausalLM(config)
+    else:
+        model = LlamaForCausalLM(config)
     model.float()
     n_params = sum(p.numel() for p in model.parameters())
     weights_bytes = n_params * 4
@@ -408,8 +421,11 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         x = batch()
-        logits = model(input_ids=x[:, :-1]).logits
+        fwd = model(input_ids=x[:, :-1])
+        logits = fwd.logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        if getattr(fwd, "aux_loss", None) is not None:  # experts: the load-balancing loss keeps every expert in use
+            loss = loss + config.router_aux_loss_coef * fwd.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -441,6 +457,8 @@ def main() -> None:
 
     # ---- save
     model.eval()
+    if args.experts:
+        model.config.output_router_logits = False  # inference: logits only
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
     )

@@ -30,6 +30,8 @@ class QuantEdit:
             site = linear_site(node, min_elements, exclude)
             if isinstance(site, LinearSite) and site.activation is not None and site.activation.dtype not in (None, ir.DataType.FLOAT):
                 site = "skipped.non_fp32_activation"
+            if isinstance(site, LinearSite) and _routes_experts(site.output):
+                site = "skipped.router"  # tiny, and its errors change which experts run (docs/guide.md)
             if isinstance(site, str):
                 self.pass_.count(site)
             elif site is not None:
@@ -98,3 +100,26 @@ def _all_values(graph: ir.Graph):
     yield from graph.initializers.values()
     for node in graph.all_nodes():
         yield from node.outputs
+
+
+_ROUTING_STOPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "GroupQueryAttention",
+                  "MultiHeadAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                  "LayerNormalization", "SkipLayerNormalization"}
+
+
+def _routes_experts(value: ir.Value, limit: int = 64) -> bool:
+    """Whether ``value`` is a mixture-of-experts router's logits: through routing arithmetic only (no
+    other linear, norm or attention on the way) it reaches a ``MoE`` / ``QMoE`` router input."""
+    seen: set[int] = set()
+    todo = [value]
+    while todo and len(seen) < limit:
+        for user, slot in todo.pop().uses():
+            if user.domain == MS_DOMAIN and user.op_type in ("MoE", "QMoE"):
+                if slot == 1:
+                    return True
+                continue
+            if user.op_type in _ROUTING_STOPS or id(user) in seen:
+                continue
+            seen.add(id(user))
+            todo.extend(user.outputs)
+    return False
