@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -60,7 +59,7 @@ def build() -> Path:
 
 def version() -> str:
     src = source_dir()
-    return f"{src.parent.name} (vendored llama.cpp)"
+    return f"llama.cpp vendored in {src.parents[1].name}"
 
 
 def with_tokenizer(hf_dir: Path, out: Path, vocab_size: int) -> Path:
