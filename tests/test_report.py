@@ -12,6 +12,7 @@ import pytest
 
 from llmopt.ort.bench import BenchSettings, benchmark
 from llmopt.compiler.driver import compile
+from llmopt.core.pipeline import parse
 from llmopt.errors import InputError, OutputError
 from llmopt.reporting.html_report import render_html, render_markdown, write_report
 from llmopt.reporting.sections_weights import layer_index
@@ -90,7 +91,7 @@ def test_html_report_of_a_real_artifact(arts):
     # pass timeline: every pass of the pipeline, in order, and a bar chart
     passes = section(doc, "passes")
     assert "<svg" in passes
-    names = m["pipeline"].split(",")
+    names = [spec.name for spec in parse(m["pipeline"]).pass_specs()]
     assert [r["name"] for r in m["passes"]] == names
     positions = [passes.index(f"{i}. {n}") for i, n in enumerate(names, 1)]
     assert positions == sorted(positions)
@@ -145,7 +146,7 @@ def test_markdown_report(arts):
                     "## Latency per token vs position", "## Per-layer quantization error"):
         assert heading in md
     assert "| # | pass | seconds |" in md
-    for i, name in enumerate(m["pipeline"].split(","), 1):
+    for i, name in enumerate((spec.name for spec in parse(m["pipeline"]).pass_specs()), 1):
         assert re.search(rf"^\| {i} \| `{re.escape(name)}` \|", md, re.M)
     gqa = m["artifact"]["ops"]["com.microsoft::GroupQueryAttention"]
     assert f"| `GroupQueryAttention` | com.microsoft | 0 | {gqa} |" in md
