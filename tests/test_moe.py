@@ -143,7 +143,11 @@ def test_total_and_active_parameters(exported, tmp_path):
         assert split["blocks"] == LAYERS and split["experts"] == [4] and split["k"] == [2]
         assert split["expert_count"] == expert_count and split["expert_bytes"] == 4 * expert_count
     total = inspect_model(src)["parameters"]["count"]
+    assert inspect_model(src)["parameters"]["experts"]["total_count"] == total
     assert inspect_model(src)["parameters"]["experts"]["active_count"] == total - expert_count // 2
+    from llmopt.reporting.summary import format_compile_report
+
+    assert "experts   2 blocks of 4 experts, top-2, 2 fused" in format_compile_report(art.manifest, art.path)
     w = weight_bytes(art.path)
     assert w.expert_bytes == 4 * expert_count
     assert w.read_per_step(1) == w.total - w.gathered + w.row_bytes - w.expert_bytes // 2  # k/E of the experts

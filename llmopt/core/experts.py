@@ -75,6 +75,8 @@ def parameter_split(model: ir.Model) -> dict | None:
     ks = sorted({g.k for g in groups if g.k})
     return {
         "blocks": len(groups),
+        "total_count": total_count,
+        "total_bytes": total_bytes,
         "experts": sorted({g.experts for g in groups}),
         "k": ks,
         "k_unknown_blocks": sum(1 for g in groups if not g.k),

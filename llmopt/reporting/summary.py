@@ -15,6 +15,14 @@ def format_compile_report(r: dict[str, Any], path: Path) -> str:
         f"  size      {human_bytes(a['bytes'])} vs {human_bytes(r['source']['bytes'])} source "
         f"({fmt_fixed(a['size_ratio'], 3, 'x')}); nodes {a['source_nodes']} -> {a['nodes']}"
     )
+    moe = a.get("experts")
+    if moe:
+        fused = sum(v for k, v in a["ops"].items() if k in ("com.microsoft::MoE", "com.microsoft::QMoE"))
+        lines.append(
+            f"  experts   {moe['blocks']} blocks of {'/'.join(map(str, moe['experts']))} experts, top-"
+            f"{'/'.join(map(str, moe['k'])) or '?'}, {fused} fused; a token reads {human_bytes(moe['active_bytes'])} "
+            f"of the {human_bytes(moe['total_bytes'])} of weights"
+        )
     s = r.get("speed")
     if s:
         lines.append(
