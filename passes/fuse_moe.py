@@ -1,9 +1,10 @@
 """The `fuse` stage ``moe``: a routed expert block → ``com.microsoft::MoE``.
 
 What is recognized is what the block computes, not one exporter's spelling of it. An expert block
-is anchored on its expert weights: two or more ``Gather``/``GatherND`` of 3-D constants
-(``[experts, out, in]`` or ``[experts, in, out]``) indexed by one value, the chosen experts. Around
-that anchor:
+is anchored on its expert weights: two ``Gather``/``GatherND`` of 3-D constants (``[experts, out,
+in]`` or ``[experts, in, out]``: fused gate/up, then down, as transformers' ``batched_mm`` experts
+export) indexed by one value, the chosen experts. Other expert layouts (separate gate and up
+weights, dense-over-experts formulations) are left as exported. Around that anchor:
 
 - the **router** is the nearest linear layer upstream of the indices whose width is the expert
   count; its input is the block's input ``x`` and its output the logits ``MoE`` takes;
