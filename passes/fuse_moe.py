@@ -28,13 +28,14 @@ fused graph as a whole, like every group of rewrites, and rolls the group back i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from llmopt.core.experts import PASS_THROUGH, gathered_constant
+from llmopt.core.experts import PASS_THROUGH, gathered_constant, gathers_by_index
 from llmopt.core.graph_util import add_initializer
 from llmopt.passes.fuse_common import MS
 
@@ -84,17 +85,9 @@ def fuse_moe(model: ir.Model) -> tuple[int, list[str]]:
 
 
 def find_blocks(graph: ir.Graph) -> list[ExpertBlock]:
-    anchors: dict[int, list[ir.Node]] = {}
-    index_of: dict[int, ir.Value] = {}
-    for node in graph:
-        data = gathered_constant(node)
-        if data is not None and data.const_value is not None and len(data.const_value.shape) == 3:
-            idx = node.inputs[1]
-            anchors.setdefault(id(idx), []).append(node)
-            index_of[id(idx)] = idx
     blocks = []
-    for key, gathers in anchors.items():
-        block = _block(gathers, index_of[key])
+    for index, nodes in gathers_by_index(graph):
+        block = _block([n for n in nodes if n.inputs[0].const_value.shape.rank() == 3], index)
         if block is not None:
             blocks.append(block)
     return blocks
@@ -259,8 +252,7 @@ def _routing_mode(model: ir.Model, block: ExpertBlock, experts: int) -> tuple[in
     sub = _subgraph_model(model, [block.logits], [block.routing_weights, block.indices])
     if sub is None:
         return None
-    rng = np.random.default_rng(0)
-    logits = (rng.standard_normal((_PROBE_TOKENS, experts)) * 2).astype(np.float32)
+    logits = _probe_logits(experts)
     got = _run(sub, {block.logits.name: logits})
     if got is None:
         return None
@@ -272,7 +264,7 @@ def _routing_mode(model: ir.Model, block: ExpertBlock, experts: int) -> tuple[in
     for mode in _ROUTING_MODES:
         if mode.get("use_sparse_mixer") and k != 2:
             continue
-        moe = _moe_routing_probe(logits, k, mode)
+        moe = _moe_routing_probe(experts, k, tuple(sorted(mode.items())))
         if moe is not None and np.allclose(moe, graph_dense, atol=1e-5, rtol=1e-4):
             return k, mode
     if (weights < 0).any():
@@ -280,10 +272,17 @@ def _routing_mode(model: ir.Model, block: ExpertBlock, experts: int) -> tuple[in
     return k, {_GRAPH_ROUTING: 1}
 
 
-def _moe_routing_probe(logits: np.ndarray, k: int, mode: dict) -> np.ndarray | None:
-    """The dense routing weights ``MoE`` computes from ``logits`` in ``mode``: experts that return
-    their own one-hot (fc1 = identity, relu of an all-ones input, fc2 = one-hot rows)."""
-    tokens, experts = logits.shape
+def _probe_logits(experts: int) -> np.ndarray:
+    return (np.random.default_rng(0).standard_normal((_PROBE_TOKENS, experts)) * 2).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_routing_probe(experts: int, k: int, mode: tuple) -> np.ndarray | None:
+    """The dense routing weights ``MoE`` computes from ``_probe_logits(experts)`` in ``mode``:
+    experts that return their own one-hot (fc1 = identity, relu of an all-ones input, fc2 = one-hot
+    rows). The same for every block of a model, so run once per (experts, k, mode)."""
+    logits = _probe_logits(experts)
+    tokens = logits.shape[0]
     fc1 = np.broadcast_to(np.eye(experts, dtype=np.float32), (experts, experts, experts)).copy()
     fc2 = np.zeros((experts, experts, experts), np.float32)
     for e in range(experts):
@@ -297,7 +296,7 @@ def _moe_routing_probe(logits: np.ndarray, k: int, mode: dict) -> np.ndarray | N
     )
     w1 = add_initializer(graph, "fc1", fc1)
     w2 = add_initializer(graph, "fc2", fc2)
-    node = ir.node("MoE", [x, r, w1, None, w2], attributes={"k": k, "activation_type": "relu", **mode}, domain=MS)
+    node = ir.node("MoE", [x, r, w1, None, w2], attributes={"k": k, "activation_type": "relu", **dict(mode)}, domain=MS)
     node.outputs[0].name = "y"
     node.outputs[0].dtype = ir.DataType.FLOAT
     graph.append(node)
@@ -306,7 +305,7 @@ def _moe_routing_probe(logits: np.ndarray, k: int, mode: dict) -> np.ndarray | N
     return None if got is None else got[0].astype(np.float64)
 
 
-def _scalars(model: ir.Model, sub: ir.Model) -> list[float]:
+def _scalars(sub: ir.Model) -> list[float]:
     found = set()
     for node in sub.graph:
         for v in node.inputs:
@@ -332,7 +331,7 @@ def _activation(model: ir.Model, block: ExpertBlock, n1: int, inter: int) -> dic
     z = z.astype(np.float64)
     sig = lambda t: 0.5 * (1.0 + np.tanh(0.5 * t))  # noqa: E731 - the logistic function, without overflow
     close = lambda a: np.allclose(a, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))  # noqa: E731
-    consts = _scalars(model, sub)
+    consts = _scalars(sub)
     if n1 == 2 * inter:
         limits = [None] + [c for c in consts if c > 0]
         for layout, (alpha, beta, limit) in itertools.product(

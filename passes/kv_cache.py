@@ -282,8 +282,6 @@ def _mask_readers(model: ir.Model, mask: ir.Value) -> set[str]:
             if id(user) in seen:
                 continue
             seen.add(id(user))
-            if _batch_dim_only(user):  # the batch size (torch.export may take it from the mask): unchanged
-                continue
             for out in user.outputs:
                 if out.dtype is not None and out.dtype.is_floating_point():
                     bad.add(user.name)
@@ -317,15 +315,6 @@ def _dims_from_input_ids(model: ir.Model, mask: ir.Value) -> int:
                 n += 1
             user.replace_input_with(i, twin.outputs[0])
     return n
-
-
-def _batch_dim_only(node: ir.Node) -> bool:
-    """``Shape(x, start=0, end=1)``: reads x's first dimension only."""
-    if node.op_type != "Shape" or node.domain != "":
-        return False
-    start = node.attributes.get_int("start", 0)
-    end = node.attributes.get_int("end", None)
-    return start == 0 and end == 1
 
 
 # Ops a rotary table is computed with, evaluated in numpy (positions → angles → cos/sin).

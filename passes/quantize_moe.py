@@ -98,7 +98,6 @@ class QuantizeMoE(Pass):
         packed = {}
         for key, value in (("fc1", fc1), ("fc2", fc2)):
             packed[key] = self._quantize_experts(edit, node, value, spec)
-        attrs = {k: a for k, a in node.attributes.items()}
         bits = self.options.bits
         q_inputs = [inputs[0], inputs[1],
                     packed["fc1"][0], packed["fc1"][1], inputs[3],
@@ -108,7 +107,7 @@ class QuantizeMoE(Pass):
         while q_inputs[-1] is None:
             q_inputs.pop()
         q = ir.node("QMoE", q_inputs, domain=MS_DOMAIN, name=f"{node.name or 'moe'}_q{bits}",
-                    attributes={**{k: a.value for k, a in attrs.items()}, "expert_weight_bits": bits,
+                    attributes={**{k: a.value for k, a in node.attributes.items()}, "expert_weight_bits": bits,
                                 "block_size": block, "weights_prepacked": 0, "quant_type": "int",
                                 "accuracy_level": self.options.accuracy_level})
         return q

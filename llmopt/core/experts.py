@@ -19,6 +19,8 @@ import dataclasses
 
 import onnx_ir as ir
 
+from llmopt.core import graph_util
+
 MS = "com.microsoft"
 PASS_THROUGH = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Identity"}
 
@@ -63,11 +65,8 @@ def parameter_split(model: ir.Model) -> dict | None:
     groups = expert_groups(model)
     if not groups:
         return None
-    total_count = total_bytes = 0
-    for value in model.graph.initializers.values():
-        if value.const_value is not None:
-            total_count += value.const_value.size
-            total_bytes += value.const_value.nbytes
+    stats = graph_util.parameter_stats(model).values()
+    total_count, total_bytes = sum(s["count"] for s in stats), sum(s["bytes"] for s in stats)
     expert_count = sum(g.count for g in groups)
     expert_bytes = sum(g.bytes for g in groups)
     active_count = total_count - expert_count + sum(g.count * g.fraction_read(1) for g in groups)
@@ -105,18 +104,23 @@ def _fused(node: ir.Node) -> ExpertGroup | None:
     return _group(tensors, experts, node.attributes.get_int("k", None))
 
 
-def _exported(graph: ir.Graph) -> list[ExpertGroup]:
-    by_index: dict[int, tuple[ir.Value, list[ir.Value]]] = {}
+def gathers_by_index(graph: ir.Graph) -> list[tuple[ir.Value, list[ir.Node]]]:
+    """Row gathers of 2-D or 3-D constants, grouped by the index value they share, for the index
+    values that gather at least one 3-D constant (expert weights; 2-D ones are their biases)."""
+    by_index: dict[int, tuple[ir.Value, list[ir.Node]]] = {}
     for node in graph:
         data = gathered_constant(node)
         if data is not None and data.const_value.shape.rank() in (2, 3) and node.inputs[1] is not None:
-            by_index.setdefault(id(node.inputs[1]), (node.inputs[1], []))[1].append(data)
+            by_index.setdefault(id(node.inputs[1]), (node.inputs[1], []))[1].append(node)
+    return [(index, nodes) for index, nodes in by_index.values()
+            if any(n.inputs[0].const_value.shape.rank() == 3 for n in nodes)]
+
+
+def _exported(graph: ir.Graph) -> list[ExpertGroup]:
     groups = []
-    for index, tensors in by_index.values():
-        weights = [t for t in tensors if t.const_value.shape.rank() == 3]
-        if not weights:
-            continue  # an embedding table
-        experts = int(weights[0].const_value.shape[0])
+    for index, nodes in gathers_by_index(graph):
+        tensors = [n.inputs[0] for n in nodes]
+        experts = next(int(t.const_value.shape[0]) for t in tensors if t.const_value.shape.rank() == 3)
         same = [t for t in tensors if int(t.const_value.shape[0]) == experts]
         groups.append(_group(same, experts, _k_of(index)))
     return groups
