@@ -1,10 +1,11 @@
 """Where decode time goes: ONNX Runtime's profiler, grouped by op type.
 
-    python benchmarks/profile_ops.py MODEL.onnx [MODEL2.onnx ...] [--steps 30]
+    python benchmarks/profile_ops.py MODEL.onnx [MODEL2.onnx ...] [--steps 30] [--prefill 64] [--batch 1]
 
-Runs single-token decode steps (after 128 cached tokens, batch 1, 2 threads) and prints, per
-model, the mean kernel time per step of each op type. Used to choose between quantized MatMul
-kernels (docs/architecture.md).
+Runs single-token decode steps (after 128 cached tokens, batch 1, 2 threads) — or, with
+``--prefill N``, N-token prompts from an empty cache — and prints, per model, the mean kernel
+time per step of each op type. Used to choose between quantized MatMul kernels
+(docs/architecture.md) and to find where int4 time goes (issue 16).
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ from llmopt.ort import timing
 from llmopt.ort import sessions
 
 
-def profile(path: str, steps: int) -> dict[str, float]:
-    feeds = timing.decode_feeds(llmopt.load(path), past=128)
+def profile(path: str, steps: int, prefill: int = 0, batch: int = 1) -> dict[str, float]:
+    if prefill:
+        from llmopt.ort import verify
+
+        feeds = verify.sample_inputs(llmopt.load(path), verify.SampleShape(batch, prefill, 0), seed=123)
+    else:
+        feeds = timing.decode_feeds(llmopt.load(path), past=128, batch=batch)
     so = sessions.session_options(threads=2)
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "prof")
@@ -46,9 +52,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--prefill", type=int, default=0, help="profile N-token prompts instead of decode steps")
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     for path in args.models:
-        ms = profile(path, args.steps)
+        ms = profile(path, args.steps, args.prefill, args.batch)
         print(f"{path}: {sum(ms.values()):.2f} ms of kernels per step")
         for op, t in list(ms.items())[:8]:
             print(f"  {op:<36} {t:7.3f} ms")

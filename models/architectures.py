@@ -66,6 +66,10 @@ LLAMA_SIZES = {
     # last-level cache, so a decode step streams them from memory, as serving does
     "300m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=20,
                  num_attention_heads=16, num_key_value_heads=8),
+    # TinyLlama-1.1B's shape: 22 layers × 44.0M + 2 × 65.5M ≈ 1.10B parameters (4.40 GB fp32), far
+    # beyond any last-level cache seen on these machines (300 MiB at most)
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4),
 }
 
 
@@ -107,7 +111,7 @@ def config(arch: str, size: str = "tiny", layers: int | None = None):
         if arch != "llama":
             raise ValueError(f"the {size} size is defined for llama only")
         return AutoConfig.for_model("llama", max_position_embeddings=2048, **LLAMA_SIZES[size])
-    raise ValueError(f"unknown size {size!r}; 'tiny', '50m', '300m' (llama) or '400m' (mixtral)")
+    raise ValueError(f"unknown size {size!r}; 'tiny', '50m', '300m', '1b' (llama) or '400m' (mixtral)")
 
 
 def build(arch: str, out: str | Path, size: str = "tiny", seed: int = 0, layers: int | None = None) -> Path:

@@ -8,7 +8,7 @@ CPU_FP32 = register_target(
         name="cpu-fp32",
         description="fp32 graph optimized for the ONNX Runtime CPU execution provider",
         provider="CPUExecutionProvider",
-        pipeline="fold,cleanup,fuse,kv-cache,cleanup",
+        pipeline="fold,cleanup,fuse,kv-cache,logits-to-keep,cleanup",
         thresholds=Thresholds(max_abs=1e-3, min_cosine=0.99999),
         session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     )

@@ -8,7 +8,7 @@ CPU_INT8 = register_target(
         name="cpu-int8",
         description="int8 weights (symmetric, per channel), activations quantized at run time; ONNX Runtime CPU",
         provider="CPUExecutionProvider",
-        pipeline="fold,cleanup,fuse,kv-cache,quantize-moe{bits=8,block_size=128},quantize-dynamic,cleanup",
+        pipeline="fold,cleanup,fuse,kv-cache,logits-to-keep,quantize-moe{bits=8,block_size=128},quantize-dynamic,cleanup",
         thresholds=Thresholds(min_cosine=0.99, min_top1=0.5),
         session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
     )

@@ -12,7 +12,7 @@ CUDA_FP16 = register_target(
         description="float16 weights, activations and KV cache (float32 logits), fused attention and norms; "
                     "CUDA execution provider (checked on CPU)",
         provider="CUDAExecutionProvider",
-        pipeline="fold,cleanup,fuse,kv-cache,fp16,cleanup",
+        pipeline="fold,cleanup,fuse,kv-cache,logits-to-keep,fp16,cleanup",
         thresholds=Thresholds(min_cosine=0.999, min_top1=0.9),
         session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
         verify_providers=("CPUExecutionProvider",),

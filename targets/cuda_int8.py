@@ -13,7 +13,7 @@ CUDA_INT8 = register_target(
         description="int8 QDQ: symmetric per-channel weights, symmetric calibrated activations; "
                     "CUDA / TensorRT execution providers (checked on CPU)",
         provider="CUDAExecutionProvider",
-        pipeline="fold,cleanup,fuse,kv-cache,qdq{activations=int8,per_channel=true,method=percentile},cleanup",
+        pipeline="fold,cleanup,fuse,kv-cache,logits-to-keep,qdq{activations=int8,per_channel=true,method=percentile},cleanup",
         thresholds=Thresholds(min_cosine=0.98, min_top1=0.5),
         session_options={"graph_optimization_level": "ORT_ENABLE_ALL"},
         verify_providers=("CPUExecutionProvider",),

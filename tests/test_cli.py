@@ -114,12 +114,12 @@ def test_compile_json_report_and_budget_failure(tmp_path, model_copy):
 def test_summary_passes_targets_inspect(tmp_path, model_copy):
     res = llmopt_cli("compile", model_copy, "-o", tmp_path / "a", "--target", "cpu-int8")
     assert res.returncode == 0, res.stderr
-    for word in ("size", "speed", "verify    PASS", "pass    [6/7] quantize-dynamic"):
+    for word in ("size", "speed", "verify    PASS", "pass    [7/8] quantize-dynamic"):
         assert word in res.stdout + res.stderr
     res = llmopt_cli("passes")
     assert res.returncode == 0 and "quantize-dynamic" in res.stdout and "input_size_limit=8192" in res.stdout
     res = llmopt_cli("targets", "--json")
-    assert json.loads(res.stdout)["cpu-int8"]["pipeline"] == "fold,cleanup,fuse,kv-cache,quantize-moe{bits=8,block_size=128},quantize-dynamic,cleanup"
+    assert json.loads(res.stdout)["cpu-int8"]["pipeline"] == "fold,cleanup,fuse,kv-cache,logits-to-keep,quantize-moe{bits=8,block_size=128},quantize-dynamic,cleanup"
     res = llmopt_cli("inspect", tmp_path / "a", "--json")
     info = json.loads(res.stdout)
     assert info["ops"]["com.microsoft::MatMulNBits"] >= 1

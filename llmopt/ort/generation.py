@@ -89,6 +89,8 @@ class Generator:
         self.device = "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
+        # logits-to-keep pass: the lm_head runs on the positions asked for only (default: all)
+        self.keeps_logits = "logits_to_keep" in {i.name for i in self.session.get_overridable_initializers()}
         if "input_ids" not in inputs:
             raise InputError(f"{path}: no 'input_ids' input; llmopt generates with decoder graphs only")
         pasts = sorted((int(m.group(1)), m.group(2), name) for name in inputs if (m := _PAST.match(name)))
@@ -147,17 +149,27 @@ class Generator:
         step_ids, positions, last = ids, np.broadcast_to(np.arange(width), (batch, width)).copy(), np.array(lengths) - 1
         step_seconds: list[float] = []
         prefill_seconds = 0.0
+        # the prefill needs logits from the shortest prompt's last position on; a step, its one position
+        keep = width - min(lengths) + 1
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
-            if self.naive:
-                feeds = {"input_ids": step_ids, "attention_mask": mask, **dict(zip(self.past_names, caches))}
+            extra = ({"logits_to_keep": np.array(keep, dtype=np.int64)}
+                     if self.keeps_logits and keep < step_ids.shape[1] else {})
+            if self.naive or extra:
+                # IOBinding cannot bind an input that has a default (logits_to_keep), so a prefill that
+                # keeps fewer logits runs unbound; its caches come back as arrays, wrapped once
+                feeds = {"input_ids": step_ids, "attention_mask": mask, **dict(zip(self.past_names, caches)), **extra}
                 if "position_ids" in self.input_names:
                     feeds["position_ids"] = positions
                 outputs = self.session.run(["logits", *self.present_names], feeds)
                 logits, caches = outputs[0], outputs[1:]
+                if not self.naive:
+                    caches = [ort.OrtValue.ortvalue_from_numpy(c) for c in caches]
             else:
                 logits, caches = self._step_bound(io, step_ids, mask, positions, caches)
-            rows = logits[np.arange(batch), last] if logits.shape[1] > 1 else logits[:, -1]
+            # logits hold the last logits.shape[1] positions of this step's input
+            offset = step_ids.shape[1] - logits.shape[1]
+            rows = logits[np.arange(batch), last - offset] if logits.shape[1] > 1 else logits[:, -1]
             nxt = _choose(rows, sampling, rng)
             elapsed = time.perf_counter() - t0
             if step == 0:
@@ -177,6 +189,7 @@ class Generator:
             positions = valid.reshape(batch, 1).astype(np.int64)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             last = np.zeros(batch, dtype=np.int64)
+            keep = 1
         self.last_cache_bytes = sum(_nbytes(c) for c in caches)
         return GenerationResult(out, lengths, prefill_seconds, step_seconds)
 

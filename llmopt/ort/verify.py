@@ -118,6 +118,8 @@ def sample_inputs(model: ir.Model, shape: SampleShape, seed: int = 0) -> dict[st
     vocab = vocab_size(model)
     feeds: dict[str, np.ndarray] = {}
     for v in model.graph.inputs:
+        if v.const_value is not None:  # an input with a default (e.g. logits_to_keep): left to it
+            continue
         dtype = _NP.get(v.dtype, np.float32)
         dims = list(v.shape) if v.shape is not None else []
         if v.name == "input_ids":

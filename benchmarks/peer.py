@@ -1,0 +1,228 @@
+"""llmopt next to llama.cpp on the same weights (issue 16; docs/benchmarks.md, "Side by side with llama.cpp").
+
+    python benchmarks/peer.py prepare --size 50m|1b          # HF dir, export, artifacts, GGUFs (cached)
+    python benchmarks/peer.py speed --size 50m --rounds 3    # batch 1: prefill and decode tok/s
+    python benchmarks/peer.py batch --size 50m --rounds 3    # BLOOM form at batch 1, 8, 32
+    python benchmarks/peer.py roofline --size 1b --rounds 3  # decode vs the measured read bandwidth
+
+Models: random-weight Llamas from ``models.architectures.LLAMA_SIZES`` — ``50m`` (~201 MB fp32,
+fits a large last-level cache) and ``1b`` (TinyLlama-1.1B's shape, 4.4 GB fp32, memory-bound).
+llmopt's side: the Hugging Face directory exported with a KV cache (``llmopt export``) and compiled
+to ``cpu-int8`` and ``cpu-int4`` with the targets' default pipelines (unverified: random weights
+miss the int4 cosine budget; the agreement with the export is measured and reported instead).
+llama.cpp's side (built by ``benchmarks/llamacpp.py``): the same directory through its
+``convert_hf_to_gguf.py`` (a synthetic tokenizer added), quantized to Q8_0 and Q4_0.
+
+``speed``: a 64-token prompt then 100 new tokens at batch 1, 2 threads. llmopt: its generation
+loop; prefill tok/s = 64 / prefill seconds, decode tok/s = 99 decode steps / their seconds.
+llama.cpp: ``llama-bench -p 64 -n 0`` and ``-p 0 -n 100 -d 64`` (decode after 64 tokens of
+context). ``batch``: the throughput form of Hugging Face's BLOOM inference benchmark — time to
+generate 100 new tokens after a 64-token prompt (prefill included) / 100 / batch — at batch 1, 8
+and 32. llama.cpp: ``llama-batched-bench -npp 64 -ntg 100 -npl B`` (its ``T`` column: prompt
+processing plus generation of all B sequences). Every round runs every contender once,
+alternately; tables give medians, ratios are medians of per-round ratios. Keep the machine quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import llmopt  # noqa: E402
+from llmopt.core import model_io  # noqa: E402
+from llmopt.core.registry import get_target  # noqa: E402
+from llmopt.frontend.exporter import export  # noqa: E402
+from llmopt.models.architectures import build  # noqa: E402
+from llmopt.ort.generation import Generator  # noqa: E402
+
+from _common import RESULTS, machine  # noqa: E402
+
+PROMPT, NEW, THREADS = 64, 100, 2
+TARGETS = {"cpu-int8": "Q8_0", "cpu-int4": "Q4_0"}  # llmopt target -> the llama.cpp type it faces
+DISK_NEEDED = {"50m": 2e9, "1b": 24e9}
+
+
+def work_dir(size: str, root: Path) -> Path:
+    return root / size
+
+
+def prepare(size: str, root: Path, targets: dict[str, str] | None = None) -> dict:
+    """HF directory, export, one artifact per target, GGUFs. Each step is skipped when its output exists."""
+    import llamacpp
+
+    targets = targets or {t: None for t in TARGETS}
+    work = work_dir(size, root)
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < DISK_NEEDED[size] and not (work / "gguf-q4_0.gguf").is_file():
+        sys.exit(f"peer.py: {work} has {free / 1e9:.0f} GB free; the {size} model needs ~{DISK_NEEDED[size] / 1e9:.0f} GB")
+    hf = work / "hf"
+    if not (hf / "config.json").is_file():
+        t0 = time.time()
+        build("llama", hf, size=size)
+        print(f"built {hf} in {time.time() - t0:.0f}s", flush=True)
+    src = work / "model.onnx"
+    if not src.is_file():
+        t0 = time.time()
+        export(hf, src, with_past=True)
+        print(f"exported in {time.time() - t0:.0f}s", flush=True)
+    arts = {}
+    for target, passes in targets.items():
+        out = work / target
+        want = passes or get_target(target).pipeline
+        have = json.loads((out / "llmopt.json").read_text())["pipeline"] if (out / "llmopt.json").is_file() else None
+        if have != want:  # missing, or built by another pipeline (the target's default changed)
+            t0 = time.time()
+            llmopt.compile(src, target=target, out=out, passes=passes, measure_speed=False, verify_model=False)
+            print(f"compiled {target} in {time.time() - t0:.0f}s", flush=True)
+        arts[target] = out
+    llamacpp.build()
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    tok = llamacpp.with_tokenizer(hf, work / "hf-tok", vocab_size=vocab)
+    f16 = llamacpp.convert(tok, work / "gguf-f16.gguf", "f16")  # Q8_0/Q4_0 from f16: what users do
+    ggufs = {kind: llamacpp.quantize(f16, work / f"gguf-{kind.lower()}.gguf", kind) for kind in TARGETS.values()}
+    return {"hf": hf, "source": src, "artifacts": arts, "ggufs": ggufs}
+
+
+def agreement(source: Path, arts: dict[str, Path]) -> dict:
+    """Logits agreement of each artifact with the export (llmopt's verification samples)."""
+    from llmopt.ort.verify import Thresholds, verify_files
+
+    out = {}
+    for name, path in arts.items():
+        f = verify_files(source, path, Thresholds()).figures
+        out[name] = {"cosine": float(f"{f.cosine:.6g}"), "top1": f.top1, "max_abs": float(f"{f.max_abs:.3g}")}
+    return out
+
+
+def _prompts(batch: int, seed: int) -> list[list[int]]:
+    return np.random.default_rng(seed).integers(10, 1000, size=(batch, PROMPT)).tolist()
+
+
+def llmopt_speed(gen: Generator, seed: int) -> dict:
+    r = gen.generate(_prompts(1, seed), NEW, eos_token_id=-1)
+    return {"prefill_tokens_per_s": PROMPT / r.prefill_seconds, "decode_tokens_per_s": (NEW - 1) / sum(r.step_seconds)}
+
+
+def llmopt_batch(gen: Generator, batch: int, seed: int) -> dict:
+    t0 = time.perf_counter()
+    gen.generate(_prompts(batch, seed), NEW, eos_token_id=-1)
+    return {"ms_per_token": (time.perf_counter() - t0) * 1e3 / NEW / batch}
+
+
+def peer_batch(gguf: Path, batch: int) -> dict:
+    """``llama-batched-bench``: prompt + 100 new tokens for ``batch`` parallel sequences."""
+    import llamacpp
+
+    ctx = batch * (PROMPT + NEW) + 16
+    out = subprocess.run([str(llamacpp.build() / "llama-batched-bench"), "-m", str(gguf), "-t", str(THREADS),
+                          "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(PROMPT), "-ntg", str(NEW),
+                          "-npl", str(batch), "--output-format", "jsonl"],
+                         check=True, capture_output=True, text=True).stdout
+    row = [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
+    return {"ms_per_token": row["t"] * 1e3 / NEW / batch, "raw": row}
+
+
+def _med(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def _ratio(a: list[dict], b: list[dict], key: str, inverse: bool = False) -> dict:
+    rs = [(y[key] / x[key]) if inverse else (x[key] / y[key]) for x, y in zip(a, b)]
+    return {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
+
+
+def _header(size: str, p: dict) -> dict:
+    import llamacpp
+
+    cfg = json.loads((p["hf"] / "config.json").read_text())
+    return {"machine": machine(), "size": size, "llama_cpp": llamacpp.version(),
+            "model": {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads")},
+            "fp32_bytes": model_io.files_bytes(model_io.model_files(p["source"])),
+            "artifact_bytes": {k: model_io.files_bytes(model_io.model_files(v)) for k, v in p["artifacts"].items()},
+            "gguf_bytes": {k: v.stat().st_size for k, v in p["ggufs"].items()},
+            "prompt": PROMPT, "new_tokens": NEW, "threads": THREADS}
+
+
+def speed(size: str, root: Path, rounds: int) -> dict:
+    import llamacpp
+
+    p = prepare(size, root)
+    out = {**_header(size, p), "rounds": rounds, "agreement_with_export": agreement(p["source"], p["artifacts"])}
+    gens = {t: Generator(a, threads=THREADS) for t, a in p["artifacts"].items()}
+    for g in gens.values():
+        llmopt_speed(g, 0)
+    runs: dict[str, list[dict]] = {k: [] for k in [*gens, *p["ggufs"]]}
+    for r in range(rounds):
+        for t, g in gens.items():
+            runs[t].append(llmopt_speed(g, r + 1))
+        for kind, gguf in p["ggufs"].items():
+            runs[kind].append(llamacpp.bench(gguf, PROMPT, NEW, THREADS))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]['decode_tokens_per_s']:.1f}/{v[-1]['prefill_tokens_per_s']:.0f}"
+                                                       for k, v in runs.items()), flush=True)
+    keys = ("decode_tokens_per_s", "prefill_tokens_per_s")
+    out["rows"] = {k: {key: _med(v, key) for key in keys} for k, v in runs.items()}
+    out["ratios"] = {f"{t} / {kind}": {key: _ratio(runs[t], runs[kind], key) for key in keys} for t, kind in TARGETS.items()}
+    out["llama_cpp_build"] = runs[next(iter(p["ggufs"]))][0].get("build")
+    return out
+
+
+def batch(size: str, root: Path, rounds: int, batches: list[int]) -> dict:
+    p = prepare(size, root)
+    out = {**_header(size, p), "rounds": rounds, "batches": batches,
+           "form": "time for 100 new tokens after a 64-token prompt (prefill included) / 100 / batch"}
+    gens = {t: Generator(a, threads=THREADS) for t, a in p["artifacts"].items()}
+    for g in gens.values():
+        llmopt_batch(g, 1, 0)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for r in range(rounds):
+        for b in batches:
+            for t, g in gens.items():
+                runs.setdefault((t, b), []).append(llmopt_batch(g, b, r + 1))
+            for kind, gguf in p["ggufs"].items():
+                runs.setdefault((kind, b), []).append(peer_batch(gguf, b))
+            print(f"round {r + 1}/{rounds} batch {b}: " + ", ".join(f"{k} {v[-1]['ms_per_token']:.2f} ms"
+                                                                     for (k, bb), v in runs.items() if bb == b), flush=True)
+    out["rows"] = {f"{k} b{b}": {"ms_per_token": _med(v, "ms_per_token")} for (k, b), v in runs.items()}
+    # speed ratio: the peer's time per token over llmopt's (> 1: llmopt is faster)
+    out["ratios"] = {f"{t} / {kind} b{b}": _ratio(runs[(t, b)], runs[(kind, b)], "ms_per_token", inverse=True)
+                     for t, kind in TARGETS.items() for b in batches}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("prepare", "speed", "batch"))
+    ap.add_argument("--size", choices=tuple(DISK_NEEDED), default="50m")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("LLMOPT_BENCH_CACHE", Path.home() / ".cache" / "llmopt-bench")) / "peer")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.what == "prepare":
+        print({k: str(v) for k, v in prepare(args.size, args.work).items()})
+        return
+    if args.what == "speed":
+        result = speed(args.size, args.work, args.rounds)
+    else:
+        result = batch(args.size, args.work, args.rounds, [int(b) for b in args.batches.split(",")])
+    out = args.out or RESULTS / f"peer-{args.what}-{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("rows", "ratios")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
