@@ -134,6 +134,49 @@ def peer_batch(gguf: Path, batch: int) -> dict:
     return {"ms_per_token": row["t"] * 1e3 / NEW / batch, "raw": row}
 
 
+C_READ = r"""
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+typedef struct { const uint64_t *p; size_t n; uint64_t r; } job;
+static void *run(void *a) { job *j = a; uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (size_t i = 0; i + 3 < j->n; i += 4) { s0 += j->p[i]; s1 += j->p[i+1]; s2 += j->p[i+2]; s3 += j->p[i+3]; }
+  j->r = s0 ^ s1 ^ s2 ^ s3; return 0; }
+int main(int argc, char **argv) { int T = atoi(argv[1]); size_t bytes = (size_t)atoi(argv[2]) << 20;
+  uint64_t *b = aligned_alloc(64, bytes); memset(b, 1, bytes); size_t n = bytes / 8; double best = 0;
+  for (int r = 0; r < 5; r++) { pthread_t t[64]; job j[64]; struct timespec a, z; clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < T; i++) { j[i].p = b + n / T * i; j[i].n = n / T; pthread_create(&t[i], 0, run, &j[i]); }
+    for (int i = 0; i < T; i++) pthread_join(t[i], 0);
+    clock_gettime(CLOCK_MONOTONIC, &z); double s = (z.tv_sec - a.tv_sec) + (z.tv_nsec - a.tv_nsec) * 1e-9;
+    if (bytes / s > best) best = bytes / s; }
+  printf("%.3f\n", best / 1e9); return 0; }
+"""
+
+
+def bandwidth_probes(threads: int = THREADS) -> dict:
+    """llmopt bench's probe (numpy) at each thread count it tries, and a plain C streaming read
+    (4 independent 64-bit sums per thread, -O3 -march=native) at the same counts, for comparison."""
+    import tempfile
+
+    from llmopt.ort.bench import _bandwidth_probe, _probe_threads, memory_bandwidth, probe_method
+
+    counts = _probe_threads(threads)
+    out = {"method": probe_method(threads), "bench_probe_gbs": memory_bandwidth(threads) / 1e9,
+           "numpy_gbs_by_threads": {t: _bandwidth_probe(t, 1024, 5) / 1e9 for t in counts}}
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        with tempfile.TemporaryDirectory() as d:
+            src, exe = Path(d) / "read.c", Path(d) / "read"
+            src.write_text(C_READ)
+            subprocess.run([cc, "-O3", "-march=native", "-pthread", str(src), "-o", str(exe)], check=True)
+            out["c_read_gbs_by_threads"] = {t: float(subprocess.run([str(exe), str(t), "1024"], capture_output=True,
+                                                                     text=True, check=True).stdout) for t in counts}
+    return out
+
+
 def _med(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -174,6 +217,20 @@ def speed(size: str, root: Path, rounds: int) -> dict:
                                                        for k, v in runs.items()), flush=True)
     keys = ("decode_tokens_per_s", "prefill_tokens_per_s")
     out["rows"] = {k: {key: _med(v, key) for key in keys} for k, v in runs.items()}
+    # the roofline: bytes a batch-1 decode step reads (llmopt bench's count) over the probe's bandwidth
+    from llmopt.ort.bench import weight_bytes
+    from llmopt.ort.machine import last_level_cache_bytes
+
+    probes = bandwidth_probes()
+    bw = probes["bench_probe_gbs"] * 1e9
+    llc = last_level_cache_bytes()
+    out["roofline"] = {"probes": probes, "last_level_cache_bytes": llc, "artifacts": {}}
+    for t, art in p["artifacts"].items():
+        read = weight_bytes(art).read_per_step(1)
+        tps = out["rows"][t]["decode_tokens_per_s"]
+        out["roofline"]["artifacts"][t] = {
+            "bytes_read_per_step": read, "roofline_tokens_per_s": bw / read, "fraction": tps * read / bw,
+            "streamed_gbs": tps * read / 1e9, "fits_last_level_cache": bool(llc and read <= llc)}
     out["ratios"] = {f"{t} / {kind}": {key: _ratio(runs[t], runs[kind], key) for key in keys} for t, kind in TARGETS.items()}
     out["llama_cpp_build"] = runs[next(iter(p["ggufs"]))][0].get("build")
     return out

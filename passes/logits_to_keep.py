@@ -27,34 +27,11 @@ from llmopt.core.pass_base import Pass
 from llmopt.core.registry import register_pass
 
 INPUT = "logits_to_keep"
-_LINEAR = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "FusedMatMul"), ("com.microsoft", "MatMulNBits")}
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap", "Identity"}
 
 
 @dataclasses.dataclass(frozen=True)
 class LogitsToKeepOptions:
     pass
-
-
-def find_lm_head(graph: ir.Graph) -> ir.Node | None:
-    """The linear node whose output reaches ``logits`` through element-wise ops only, or None."""
-    out = next((v for v in graph.outputs if v.name == "logits"), None)
-    node = out.producer() if out is not None else None
-    while node is not None:
-        if (node.domain if node.domain != "ai.onnx" else "", node.op_type) in _LINEAR:
-            w = node.inputs[1] if len(node.inputs) > 1 else None
-            x = node.inputs[0]
-            if w is None or w.const_value is None or x is None or x.shape is None or len(x.shape) != 3:
-                return None
-            return node
-        if node.op_type not in _ELEMENTWISE:
-            return None
-        # follow the one non-constant input
-        varying = [v for v in node.inputs if v is not None and v.const_value is None]
-        if len(varying) != 1:
-            return None
-        node = varying[0].producer()
-    return None
 
 
 @register_pass
@@ -67,7 +44,7 @@ class LogitsToKeep(Pass):
         graph = model.graph
         if INPUT in {v.name for v in graph.inputs} or "input_ids" not in {v.name for v in graph.inputs}:
             return False
-        head = find_lm_head(graph)
+        head = graph_util.lm_head(graph)
         if head is None:
             self.warn("no lm_head found (a linear layer with a rank-3 input feeding 'logits' through element-wise ops); "
                       "logits are computed for every position")

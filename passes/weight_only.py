@@ -51,6 +51,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from llmopt.core import graph_util
 from llmopt.core.pass_base import Pass, option
 from llmopt.core.registry import register_pass
 from llmopt.errors import InputError, PipelineError
@@ -72,7 +73,11 @@ class WeightOnlyOptions:
     samples: int = option(32, "gptq: calibration sequences")
     seq_len: int = option(128, "gptq: tokens per calibration sequence")
     damp: float = option(0.01, "gptq: fraction of the mean Hessian diagonal added to its diagonal")
+    scales: Literal["minmax", "search"] = option("minmax", "minmax: each block's range | search: the clipped range (13 fractions of it tried) with the least squared error, weighted by the input's mean square where calibration ran")
     gather: bool = option(True, "quantize embedding tables read by Gather")
+    table_bits: int = option(0, "bits of embedding tables (0: bits); 8 costs no decode time (a step reads one row per token) and buys most of int4's lost accuracy per byte")
+    head_bits: int = option(0, "bits of the lm_head (0: bits); llama.cpp keeps its output tensor at 6 bits")
+    wide_block_size: int = option(128, "block_size of tables and lm_head quantized by table_bits / head_bits (symmetric)")
     gather_kernel: Literal["block", "rows"] = option("block", "block: GatherBlockQuantized with bits, block_size and symmetric as for MatMuls (a tied lm_head's table shared) | rows: int8 rows with a scale each, standard ops for any execution provider")
     min_elements: int = option(4096, "leave weights with fewer elements in float")
     exclude: tuple[str, ...] = option((), "node or weight name patterns to leave in float (fnmatch, ';'-separated)")
@@ -84,13 +89,24 @@ class WeightOnlyOptions:
             raise PipelineError(f"weight-only: method must be rtn, gptq or auto, got {self.method!r}")
         if not 0 <= self.accuracy_level <= 4:
             raise PipelineError(f"weight-only: accuracy_level must be 0..4, got {self.accuracy_level}")
+        for key in ("table_bits", "head_bits"):
+            if getattr(self, key) not in (0, 4, 8):
+                raise PipelineError(f"weight-only: {key} must be 0 (same as bits), 4 or 8, got {getattr(self, key)}")
+        if self.scales not in ("minmax", "search"):
+            raise PipelineError(f"weight-only: scales must be minmax or search, got {self.scales!r}")
         if self.gather_kernel not in ("block", "rows"):
             raise PipelineError(f"weight-only: gather_kernel must be block or rows, got {self.gather_kernel!r}")
-        self.spec  # validates block_size
+        self.spec, self.wide_spec(8)  # validate the block sizes
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(dtype=f"uint{self.bits}", symmetric=self.symmetric, granularity="block", block_size=self.block_size)
+
+    def wide_spec(self, bits: int) -> QuantSpec:
+        """The spec of a table or lm_head given ``bits`` by table_bits / head_bits (0: the pass's spec)."""
+        if not bits or bits == self.bits:
+            return self.spec
+        return QuantSpec(dtype=f"uint{bits}", symmetric=True, granularity="block", block_size=self.wide_block_size)
 
 
 @register_pass
@@ -106,15 +122,22 @@ class WeightOnly(Pass):
         found = (embedding_table(node, o.min_elements) for node in model.graph) if o.gather else ()
         tables = {tuple(t.const_value.shape)[::-1] for t in found if isinstance(t, ir.Value)}
         shareable: dict[bytes, ir.Value] = {}  # MatMulNBits weights by content (see the docstring)
+        self._shareable_specs: dict[tuple, QuantSpec] = {}  # [V, H] of a table a head may share -> the head's spec
+        head = graph_util.lm_head(model.graph) if o.head_bits else None
         for site in edit.linear_sites(o.min_elements, o.exclude):
             w = site.weight_array()
-            qt = quantize(w, o.spec, hessians.get(site.activation.name), o.damp)
+            spec = o.wide_spec(o.head_bits) if site.node is head else o.spec
+            if spec != o.spec:
+                self.count(f"lm_head_{o.head_bits}bit")
+            qt = quantize(w, spec, hessians.get(site.activation.name), o.damp, search=o.scales == "search")
             self.count(qt.method)
             edit.record(site.name, qt, w, site.node)
-            packed = lower.pack_nbits(qt.q, qt.zero, o.bits, o.symmetric)
-            b = edit.initializer(f"{site.name}_q{o.bits}", packed[0])
-            if qt.method == "rtn" and site.alpha == 1.0 and w.shape[0] % o.block_size == 0 and w.shape in tables:
+            bits = 4 if spec.dtype.endswith("4") else 8
+            packed = lower.pack_nbits(qt.q, qt.zero, bits, spec.symmetric)
+            b = edit.initializer(f"{site.name}_q{bits}", packed[0])
+            if qt.method == "rtn" and site.alpha == 1.0 and w.shape[0] % spec.block_size == 0 and w.shape in tables:
                 shareable[_digest(packed[0], qt.scale, packed[1])] = b
+                self._shareable_specs[w.shape[::-1]] = spec
             edit.replace_site(site, lower.matmul_nbits(edit, site, qt, o.accuracy_level, packed, b))
         if o.gather:
             for node, table in edit.tables(o.min_elements, o.exclude):
@@ -149,18 +172,28 @@ class WeightOnly(Pass):
             edit.replace_node(node, lower.gather_rows(edit, node, table, qt))
         else:
             v, h = w.shape
-            if h * o.bits % 8:
-                self.count("skipped.gather_odd_hidden")
-                return
-            qt = quantize(w.T, o.spec)  # blocks of each row: [V, n_blocks, block]
+            # a tied lm_head's bytes are shared when the table quantizes to them (same spec, rtn);
+            # otherwise the table gets its own spec (table_bits)
+            tied_spec = self._shareable_specs.get(tuple(w.shape))
+            specs = ([tied_spec] if tied_spec is not None else []) + [o.wide_spec(o.table_bits)]
+            for spec in specs:
+                bits = 4 if spec.dtype.endswith("4") else 8
+                if h * bits % 8:
+                    self.count("skipped.gather_odd_hidden")
+                    return
+                qt = quantize(w.T, spec, search=o.scales == "search")  # blocks of each row: [V, n_blocks, block]
+                packed = lower.pack_nbits(qt.q.reshape(v, -1)[:, :h], qt.zero, bits, spec.symmetric)  # [V, H*bits/8]
+                shared = None
+                if h % spec.block_size == 0 and node.inputs[1].shape is not None:
+                    shared = shareable.get(_digest(packed[0], qt.scale, packed[1]))
+                if shared is not None or spec is specs[-1]:
+                    break
             edit.record(table.name, qt, w.T, node)
-            packed = lower.pack_nbits(qt.q.reshape(v, -1)[:, :h], qt.zero, o.bits, o.symmetric)  # [V, H*bits/8]
-            shared = None
-            if h % o.block_size == 0 and node.inputs[1].shape is not None:
-                shared = shareable.get(_digest(packed[0], qt.scale, packed[1]))
             edit.replace_node(node, lower.gather_block_quantized(edit, node, table, qt, packed, shared))
             if shared is not None:
                 self.count("gather_shared")
+            elif spec != o.spec:
+                self.count(f"gather_{bits}bit")
         self.count("gather")
 
 

@@ -147,3 +147,28 @@ def cache_dims(past: ir.Value) -> tuple[int, int] | None:
             if head_dim is not None:
                 return node.attributes["kv_num_heads"].as_int(), head_dim
     return None
+
+
+_LM_HEAD_LINEAR = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "FusedMatMul"), ("com.microsoft", "MatMulNBits")}
+_LM_HEAD_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Softcap", "Identity"}
+
+
+def lm_head(graph: ir.Graph) -> ir.Node | None:
+    """The linear node whose output reaches ``logits`` through element-wise ops only, or None."""
+    out = next((v for v in graph.outputs if v.name == "logits"), None)
+    node = out.producer() if out is not None else None
+    while node is not None:
+        if (node.domain if node.domain != "ai.onnx" else "", node.op_type) in _LM_HEAD_LINEAR:
+            w = node.inputs[1] if len(node.inputs) > 1 else None
+            x = node.inputs[0]
+            if w is None or w.const_value is None or x is None or x.shape is None or len(x.shape) != 3:
+                return None
+            return node
+        if node.op_type not in _LM_HEAD_ELEMENTWISE:
+            return None
+        # follow the one non-constant input
+        varying = [v for v in node.inputs if v is not None and v.const_value is None]
+        if len(varying) != 1:
+            return None
+        node = varying[0].producer()
+    return None
