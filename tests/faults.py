@@ -373,10 +373,10 @@ def private_copy(base: Path, folder: Path) -> Path:
 
 # --------------------------------------------------------------------------- malformed pipelines, recipes, options
 
-PASS_NAMES = ["fold", "cleanup", "fuse", "kv-cache", "quantize-dynamic", "weight-only", "quantize-moe", "qdq", "prune", "fp16",
+PASS_NAMES = ["fold", "cleanup", "fuse", "kv-cache", "logits-to-keep", "quantize-dynamic", "weight-only", "quantize-moe", "qdq", "prune", "fp16",
               "smooth-quant", "fixpoint", "nope"]
 OPTIONS = {"quantize-dynamic": ["block_size", "kernel", "accuracy_level", "min_elements", "exclude", "x"],
-           "weight-only": ["bits", "block_size", "method", "symmetric"], "prune": ["sparsity", "structured", "n", "m"],
+           "weight-only": ["bits", "block_size", "method", "symmetric", "scales", "table_bits", "head_bits"], "prune": ["sparsity", "structured", "n", "m"],
            "kv-cache": ["buffer", "max_length"], "fuse": ["attention", "moe", "zzz"],
            "quantize-moe": ["bits", "block_size", "symmetric", "accuracy_level"]}
 VALUES = ["0", "-1", "1", "3", "7", "64", "1e9", "nan", "inf", "true", "maybe", "a;b", "*", "0.5", "1.5", "", "dynamic"]

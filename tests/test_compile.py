@@ -32,9 +32,9 @@ def test_cpu_int8_every_architecture(exported, tmp_path, arch, with_past):
     assert r["target"]["name"] == "cpu-int8" and r["provider"] == "CPUExecutionProvider"
     assert r["source"]["sha256"] == before
     assert r["verification"]["passed"] and r["verification"]["figures"]["cosine"] > 0.999
-    assert [p["name"] for p in r["passes"]] == ["fold", "cleanup", "fuse", "kv-cache", "quantize-moe", "quantize-dynamic", "cleanup"]
+    assert [p["name"] for p in r["passes"]] == ["fold", "cleanup", "fuse", "kv-cache", "logits-to-keep", "quantize-moe", "quantize-dynamic", "cleanup"]
     assert r["passes"][2]["nodes_after"] < r["passes"][2]["nodes_before"]
-    q = r["passes"][5]
+    q = r["passes"][6]
     assert q["counters"]["matmul"] >= 1 and q["bytes_after"] < q["bytes_before"]
     assert r["io"]["inputs"][0]["name"] == "input_ids"
     assert (r["kv_cache"] is not None) == cached
