@@ -68,8 +68,12 @@ def _bytes_model(work: Path) -> Path:
 
 
 def _ort_nbits(fp32_artifact: Path, out: Path) -> Path:
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger().setLevel(logging.WARNING)  # the tool sets the root logger to INFO
 
     target = out / "model.onnx"
     if not target.is_file():

@@ -3,7 +3,7 @@
     python benchmarks/peer.py prepare --size 50m|1b          # HF dir, export, artifacts, GGUFs (cached)
     python benchmarks/peer.py speed --size 50m --rounds 3    # batch 1: prefill and decode tok/s
     python benchmarks/peer.py batch --size 50m --rounds 3    # BLOOM form at batch 1, 8, 32
-    python benchmarks/peer.py roofline --size 1b --rounds 3  # decode vs the measured read bandwidth
+    python benchmarks/peer.py logits --size 50m --rounds 10  # prefill with / without logits-to-keep
 
 Models: random-weight Llamas from ``models.architectures.LLAMA_SIZES`` — ``50m`` (~201 MB fp32,
 fits a large last-level cache) and ``1b`` (TinyLlama-1.1B's shape, 4.4 GB fp32, memory-bound).
@@ -21,6 +21,11 @@ generate 100 new tokens after a 64-token prompt (prefill included) / 100 / batch
 and 32. llama.cpp: ``llama-batched-bench -npp 64 -ntg 100 -npl B`` (its ``T`` column: prompt
 processing plus generation of all B sequences). Every round runs every contender once,
 alternately; tables give medians, ratios are medians of per-round ratios. Keep the machine quiet.
+
+``speed`` also gives the roofline: the bytes a batch-1 decode step reads (``llmopt bench``'s count:
+every weight but the embedding rows not looked up) over the read bandwidth ``llmopt bench`` probes
+(numpy sums of a 1 GiB buffer by 2, 4 and 8 threads, best of 5), with the numpy and a plain C
+streaming read at each thread count beside it.
 """
 
 from __future__ import annotations
@@ -259,9 +264,33 @@ def batch(size: str, root: Path, rounds: int, batches: list[int]) -> dict:
     return out
 
 
+def logits_ablation(size: str, root: Path, rounds: int) -> dict:
+    """Prefill tok/s of each target with and without its ``logits-to-keep`` step, alternated."""
+    p = prepare(size, root)
+    gens = {}
+    for t in TARGETS:
+        without = get_target(t).pipeline.replace("logits-to-keep,", "")
+        out = work_dir(size, root) / f"{t}-all-logits"
+        if not (out / "llmopt.json").is_file() or json.loads((out / "llmopt.json").read_text())["pipeline"] != without:
+            llmopt.compile(p["source"], target=t, out=out, passes=without, measure_speed=False, verify_model=False)
+        gens[t] = Generator(p["artifacts"][t], threads=THREADS)
+        gens[f"{t} without logits-to-keep"] = Generator(out, threads=THREADS)
+    for g in gens.values():
+        llmopt_speed(g, 0)
+    runs: dict[str, list[dict]] = {k: [] for k in gens}
+    for r in range(rounds):
+        for k, g in gens.items():
+            runs[k].append(llmopt_speed(g, r + 1))
+    keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
+    return {**_header(size, p), "rounds": rounds,
+            "rows": {k: {key: _med(v, key) for key in keys} for k, v in runs.items()},
+            "ratios": {f"{t} with / without": {key: _ratio(runs[t], runs[f"{t} without logits-to-keep"], key) for key in keys}
+                       for t in TARGETS}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("prepare", "speed", "batch"))
+    ap.add_argument("what", choices=("prepare", "speed", "batch", "logits"))
     ap.add_argument("--size", choices=tuple(DISK_NEEDED), default="50m")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("LLMOPT_BENCH_CACHE", Path.home() / ".cache" / "llmopt-bench")) / "peer")
     ap.add_argument("--rounds", type=int, default=3)
@@ -273,6 +302,8 @@ def main() -> None:
         return
     if args.what == "speed":
         result = speed(args.size, args.work, args.rounds)
+    elif args.what == "logits":
+        result = logits_ablation(args.size, args.work, args.rounds)
     else:
         result = batch(args.size, args.work, args.rounds, [int(b) for b in args.batches.split(",")])
     out = args.out or RESULTS / f"peer-{args.what}-{args.size}.json"
