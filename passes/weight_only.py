@@ -40,6 +40,15 @@ Two methods choose the integers:
   Hessian ``H = XᵀX`` (collected by running the model over calibration text, streaming: one K×K
   matrix per distinct MatMul input). It minimizes the error of the layer's *output* on that
   data, not of the weights, which is what perplexity sees.
+
+Each block's scale (and zero point) comes from its min/max, or with ``scales=search`` from the
+range among 13 clipped ones (1.0 down to 0.7 of it) whose rounding error, weighted by the input
+channels' mean square where calibration ran (GPTQ's Hessian diagonal), is least — GPTQ's ``mse``
+option, AWQ's clip search. ``table_bits`` / ``head_bits`` give embedding tables / the lm_head (the
+node ``llmopt.core.graph_util.lm_head`` finds) their own bits, symmetric blocks of
+``wide_block_size``: tables cost no decode time at 8 bits (a step reads one row per token). A tied
+table whose lm_head it shares bytes with keeps the head's spec, so one copy is stored.
+cpu-int4 runs GPTQ with the search and 8-bit tables (docs/benchmarks.md, "int4: methods compared").
 """
 
 from __future__ import annotations
@@ -122,7 +131,7 @@ class WeightOnly(Pass):
         found = (embedding_table(node, o.min_elements) for node in model.graph) if o.gather else ()
         tables = {tuple(t.const_value.shape)[::-1] for t in found if isinstance(t, ir.Value)}
         shareable: dict[bytes, ir.Value] = {}  # MatMulNBits weights by content (see the docstring)
-        self._shareable_specs: dict[tuple, QuantSpec] = {}  # [V, H] of a table a head may share -> the head's spec
+        shareable_specs: dict[tuple, QuantSpec] = {}  # [V, H] of a table a head may share -> the head's spec
         head = graph_util.lm_head(model.graph) if o.head_bits else None
         for site in edit.linear_sites(o.min_elements, o.exclude):
             w = site.weight_array()
@@ -137,11 +146,11 @@ class WeightOnly(Pass):
             b = edit.initializer(f"{site.name}_q{bits}", packed[0])
             if qt.method == "rtn" and site.alpha == 1.0 and w.shape[0] % spec.block_size == 0 and w.shape in tables:
                 shareable[_digest(packed[0], qt.scale, packed[1])] = b
-                self._shareable_specs[w.shape[::-1]] = spec
+                shareable_specs[w.shape[::-1]] = spec
             edit.replace_site(site, lower.matmul_nbits(edit, site, qt, o.accuracy_level, packed, b))
         if o.gather:
             for node, table in edit.tables(o.min_elements, o.exclude):
-                self._gather(edit, node, table, shareable)
+                self._gather(edit, node, table, shareable, shareable_specs)
         return edit.finish()
 
     def _hessians(self, model: ir.Model) -> dict[str, np.ndarray]:
@@ -161,7 +170,7 @@ class WeightOnly(Pass):
         self.count("calibration_sequences", sequences)
         return {name: ob.xtx for name, ob in obs.items()}
 
-    def _gather(self, edit: QuantEdit, node: ir.Node, table: ir.Value, shareable: dict) -> None:
+    def _gather(self, edit: QuantEdit, node: ir.Node, table: ir.Value, shareable: dict, shareable_specs: dict) -> None:
         """``Gather(E, ids)`` → ``GatherBlockQuantized`` (blocks along the hidden axis, round to
         nearest), reading a tied lm_head's weight when its bytes are the same; or int8 rows."""
         o = self.options
@@ -174,7 +183,7 @@ class WeightOnly(Pass):
             v, h = w.shape
             # a tied lm_head's bytes are shared when the table quantizes to them (same spec, rtn);
             # otherwise the table gets its own spec (table_bits)
-            tied_spec = self._shareable_specs.get(tuple(w.shape))
+            tied_spec = shareable_specs.get(tuple(w.shape))
             specs = ([tied_spec] if tied_spec is not None else []) + [o.wide_spec(o.table_bits)]
             for spec in specs:
                 bits = 4 if spec.dtype.endswith("4") else 8
