@@ -82,15 +82,15 @@ MOE_SIZES = {
 
 
 def config(arch: str, size: str = "tiny", layers: int | None = None):
-    """A transformers config for ``arch`` at ``size`` ('tiny', '50m' or '300m' for llama, '400m' for
-    mixtral); ``layers`` overrides the depth of 'tiny'."""
+    """A transformers config for ``arch`` at ``size`` ('tiny'; '50m', '300m' or '1b' for llama, '400m'
+    for mixtral); ``layers`` overrides the depth of 'tiny'."""
     from transformers import AutoConfig
 
     known = ARCHITECTURES + tuple(EXTRA) + tuple(MOE)
     if arch not in known:
         raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(known)}")
     if size == "tiny" and (arch in EXTRA or arch in MOE):
-        changes = EXTRA.get(arch) or MOE[arch]
+        changes = EXTRA[arch] if arch in EXTRA else MOE[arch]  # an EXTRA entry may be {} (no changes)
         kw = {k: v for k, v in {**_TINY, "num_hidden_layers": layers or 2, **changes}.items() if v is not None}
         return AutoConfig.for_model(arch, **kw)
     if size == "tiny":

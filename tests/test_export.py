@@ -74,3 +74,14 @@ def test_kv_geometry_of_multi_query_models(kw, kv_heads):
     assert kv_geometry(cfg) == (2, kv_heads, 16)
     bigcode = AutoConfig.for_model("gpt_bigcode", n_embd=64, n_head=4, n_layer=2, multi_query=kw.get("multi_query", True))
     assert kv_geometry(bigcode)[1] == (1 if kw.get("multi_query", True) else 4)
+
+
+def test_every_known_architecture_has_a_tiny_config():
+    """The coverage sweep's architectures (some with no changes from the tiny defaults: an empty
+    EXTRA entry) and the mixture-of-experts ones all give a config; a regression here once broke
+    the slow sweep for every architecture without overrides."""
+    from llmopt.models.architectures import ARCHITECTURES, EXTRA, MOE, config
+
+    for arch in ARCHITECTURES + tuple(EXTRA) + tuple(MOE):
+        cfg = config(arch)
+        assert cfg.model_type == arch or arch in ("gemma3_text",), (arch, cfg.model_type)
