@@ -4,7 +4,7 @@
 
 Runs single-token decode steps (after 128 cached tokens, batch 1, 2 threads) — or, with
 ``--prefill N``, N-token prompts from an empty cache — and prints, per model, the mean kernel
-time per step of each op type. Used to choose between quantized MatMul kernels
+time per step of each op type (after 3 unprofiled warm-up steps). Used to choose between quantized MatMul kernels
 (docs/architecture.md) and to find where int4 time goes (issue 16).
 """
 
@@ -23,6 +23,9 @@ from llmopt.ort import timing
 from llmopt.ort import sessions
 
 
+WARMUP = 3
+
+
 def profile(path: str, steps: int, prefill: int = 0, batch: int = 1) -> dict[str, float]:
     if prefill:
         from llmopt.ort import verify
@@ -36,14 +39,18 @@ def profile(path: str, steps: int, prefill: int = 0, batch: int = 1) -> dict[str
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     f = {i.name: feeds[i.name] for i in sess.get_inputs()}
-    for _ in range(steps):
+    for _ in range(WARMUP + steps):
         sess.run(names, f)
     trace = sess.end_profiling()
     per_op: collections.Counter[str] = collections.Counter()
     with open(trace) as fh:
-        for e in json.load(fh):
-            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                per_op[e["args"]["op_name"]] += e["dur"]
+        events = json.load(fh)
+    # the first runs pay one-time costs (first touch of memory-mapped weights, kernel setup): skipped
+    runs = sorted(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    start = runs[WARMUP - 1] if len(runs) >= WARMUP else 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            per_op[e["args"]["op_name"]] += e["dur"]
     os.remove(trace)
     return {op: us / steps / 1000 for op, us in per_op.most_common()}
 
