@@ -55,3 +55,39 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, int]:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         return wall, int(rss.read().split()[-1]) * 1024
+
+
+PROMPT, NEW = 64, 100  # the generation benchmarks' prompt and new tokens (batch 1)
+
+
+def agreement(source: Path, artifacts: dict[str, Path]) -> dict:
+    """Logits agreement of each artifact with ``source`` (llmopt's verification samples): reported
+    for artifacts built unverified (random weights miss the quantized targets' cosine budgets)."""
+    from llmopt.ort.verify import Thresholds, verify_files
+
+    out = {}
+    for name, path in artifacts.items():
+        f = verify_files(source, path, Thresholds()).figures
+        out[name] = {"cosine": float(f"{f.cosine:.6g}"), "top1": f.top1, "max_abs": float(f"{f.max_abs:.3g}")}
+    return out
+
+
+def generation_speed(gen, seed: int) -> dict:
+    """One batch-1 generation by llmopt's loop: a ``PROMPT``-token random prompt, then ``NEW`` tokens;
+    prefill tok/s = PROMPT / prefill seconds, decode tok/s = decode steps / their seconds."""
+    import numpy as np
+
+    prompt = np.random.default_rng(seed).integers(10, 1000, size=PROMPT).tolist()
+    r = gen.generate([prompt], NEW, eos_token_id=-1)
+    return {"prefill_tokens_per_s": PROMPT / r.prefill_seconds, "decode_tokens_per_s": (NEW - 1) / sum(r.step_seconds)}
+
+
+def round_robin(gens: dict, rounds: int) -> dict[str, list[dict]]:
+    """``generation_speed`` of every generator once per round, alternated, after one warm-up each."""
+    for g in gens.values():
+        generation_speed(g, 0)
+    runs: dict[str, list[dict]] = {k: [] for k in gens}
+    for r in range(rounds):
+        for k, g in gens.items():
+            runs[k].append(generation_speed(g, r + 1))
+    return runs

@@ -38,7 +38,7 @@ from llmopt.frontend.exporter import reference_model_dir  # noqa: E402
 from llmopt.ort import perplexity as pplx  # noqa: E402
 from llmopt.ort import sessions  # noqa: E402
 
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, machine, round_robin  # noqa: E402
 
 HEAD = "fold,cleanup,fuse,kv-cache,logits-to-keep,"
 RECIPES = {  # name -> weight-only options (None: the ORT tool)
@@ -127,12 +127,7 @@ def speed(rounds: int, root: Path) -> dict:
         if not (out / "llmopt.json").is_file() or json.loads((out / "llmopt.json").read_text())["pipeline"] != _pipeline(layout):
             llmopt.compile(p["source"], target="cpu-int4", out=out, passes=_pipeline(layout), measure_speed=False, verify_model=False)
         gens[recipe] = Generator(out, threads=peer.THREADS)
-    for g in gens.values():
-        peer.llmopt_speed(g, 0)
-    runs = {k: [] for k in gens}
-    for r in range(rounds):
-        for k, g in gens.items():
-            runs[k].append(peer.llmopt_speed(g, r + 1))
+    runs = round_robin(gens, rounds)
     return {k: {key: statistics.median(x[key] for x in v) for key in ("decode_tokens_per_s", "prefill_tokens_per_s")}
             for k, v in runs.items()}
 

@@ -40,7 +40,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt.core import model_io  # noqa: E402
@@ -50,9 +49,9 @@ from llmopt.ort import sessions  # noqa: E402
 from llmopt.ort import perplexity as pplx  # noqa: E402
 from llmopt.ort.generation import Generator  # noqa: E402
 
-from _common import RESULTS, machine  # noqa: E402
+from _common import NEW, PROMPT, RESULTS, agreement, generation_speed, machine, round_robin  # noqa: E402
 
-PROMPT, NEW, THREADS = 64, 100, 2
+THREADS = 2
 UNFUSED = "fold,cleanup,fuse{moe=false},kv-cache,cleanup"
 ARTIFACTS = {  # name -> (target, pipeline override)
     "fp32 unfused": ("cpu-fp32", UNFUSED),
@@ -76,22 +75,11 @@ def _artifacts(work: Path) -> tuple[Path, dict[str, Path]]:
         if not (out / "llmopt.json").is_file():
             t0 = time.time()
             # random weights: the int8/int4 logits miss the targets' cosine budgets (0.99 / 0.97), so the
-            # artifacts are built unverified and their agreement is measured and reported (_agreement)
+            # artifacts are built unverified and their agreement is measured and reported (_common.agreement)
             llmopt.compile(src, target=target, out=out, passes=passes, measure_speed=False, verify_model=False)
             print(f"compiled {name} in {time.time() - t0:.0f}s", flush=True)
         arts[name] = out
     return hf, arts
-
-
-def _agreement(work: Path, arts: dict[str, Path]) -> dict:
-    """Logits agreement of each artifact with the export (llmopt's verification samples)."""
-    from llmopt.ort.verify import Thresholds, verify_files
-
-    out = {}
-    for name, path in arts.items():
-        f = verify_files(work / "moe-400m.onnx", path, Thresholds()).figures
-        out[name] = {"cosine": float(f"{f.cosine:.6g}"), "top1": f.top1, "max_abs": float(f"{f.max_abs:.3g}")}
-    return out
 
 
 def _ggufs(work: Path, hf: Path) -> dict[str, Path]:
@@ -104,25 +92,19 @@ def _ggufs(work: Path, hf: Path) -> dict[str, Path]:
             "Q4_0": llamacpp.quantize(f32, work / "moe-400m-q4_0.gguf", "Q4_0")}
 
 
-def _llmopt_run(gen: Generator, seed: int) -> dict:
-    prompt = np.random.default_rng(seed).integers(10, 1000, size=PROMPT).tolist()
-    r = gen.generate([prompt], NEW, eos_token_id=-1)
-    return {"prefill_tokens_per_s": PROMPT / r.prefill_seconds, "decode_tokens_per_s": (NEW - 1) / sum(r.step_seconds)}
-
-
 def speed(work: Path, rounds: int, peer: bool) -> dict:
     hf, arts = _artifacts(work)
     ggufs = _ggufs(work, hf) if peer else {}
     import llamacpp
 
-    agreement = _agreement(work, arts)
+    agreed = agreement(work / "moe-400m.onnx", arts)
     gens = {name: Generator(path, threads=THREADS) for name, path in arts.items()}
     for g in gens.values():  # warm up
-        _llmopt_run(g, 0)
+        generation_speed(g, 0)
     runs: dict[str, list[dict]] = {k: [] for k in [*gens, *ggufs]}
     for r in range(rounds):
         for name, g in gens.items():
-            runs[name].append(_llmopt_run(g, r + 1))
+            runs[name].append(generation_speed(g, r + 1))
         for kind, gguf in ggufs.items():
             runs[kind].append(llamacpp.bench(gguf, PROMPT, NEW, THREADS))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]['decode_tokens_per_s']:.1f}" for k, v in runs.items()), flush=True)
@@ -132,7 +114,7 @@ def speed(work: Path, rounds: int, peer: bool) -> dict:
            "model": {"hf_config": json.loads((hf / "config.json").read_text()),
                      "artifact_bytes": {k: model_io.files_bytes(model_io.model_files(v)) for k, v in arts.items()},
                      "experts": {k: json.loads((v / "llmopt.json").read_text())["artifact"]["experts"] for k, v in arts.items()}},
-           "agreement_with_export": agreement,
+           "agreement_with_export": agreed,
            "llama_cpp": f"{llamacpp.version()} (build {runs['F32'][0]['build']})" if peer else None,
            "rows": {k: {"decode_tokens_per_s": med(v, "decode_tokens_per_s"), "prefill_tokens_per_s": med(v, "prefill_tokens_per_s")}
                     for k, v in runs.items()},
@@ -191,21 +173,16 @@ def int4_variants(work: Path, rounds: int) -> dict:
             llmopt.compile(work / "moe-400m.onnx", target="cpu-int4", out=out, measure_speed=False, verify_model=False,
                            passes=f"fold,cleanup,fuse,kv-cache,{moe},{dense},cleanup")
         arts[name] = out
-    agreement = _agreement(work, arts)
+    agreed = agreement(work / "moe-400m.onnx", arts)
     gens = {name: Generator(path, threads=THREADS) for name, path in arts.items()}
-    for g in gens.values():
-        _llmopt_run(g, 0)
-    runs: dict[str, list[dict]] = {k: [] for k in gens}
-    for r in range(rounds):
-        for name, g in gens.items():
-            runs[name].append(_llmopt_run(g, r + 1))
+    runs = round_robin(gens, rounds)
     first = next(iter(gens))
     return {"machine": machine(), "rounds": rounds, "prompt": PROMPT, "new_tokens": NEW,
             "rows": {k: {"decode_tokens_per_s": statistics.median(x["decode_tokens_per_s"] for x in v),
                          "decode_vs_default": statistics.median(x["decode_tokens_per_s"] / y["decode_tokens_per_s"]
                                                                 for x, y in zip(v, runs[first])),
                          "prefill_tokens_per_s": statistics.median(x["prefill_tokens_per_s"] for x in v),
-                         "agreement_with_export": agreement[k]} for k, v in runs.items()}}
+                         "agreement_with_export": agreed[k]} for k, v in runs.items()}}
 
 
 def main() -> None:

@@ -51,9 +51,9 @@ from llmopt.frontend.exporter import export  # noqa: E402
 from llmopt.models.architectures import build  # noqa: E402
 from llmopt.ort.generation import Generator  # noqa: E402
 
-from _common import RESULTS, machine  # noqa: E402
+from _common import NEW, PROMPT, RESULTS, agreement, generation_speed, machine, round_robin  # noqa: E402
 
-PROMPT, NEW, THREADS = 64, 100, 2
+THREADS = 2
 TARGETS = {"cpu-int8": "Q8_0", "cpu-int4": "Q4_0"}  # llmopt target -> the llama.cpp type it faces
 DISK_NEEDED = {"50m": 2e9, "1b": 24e9}
 
@@ -100,24 +100,8 @@ def prepare(size: str, root: Path, targets: dict[str, str] | None = None) -> dic
     return {"hf": hf, "source": src, "artifacts": arts, "ggufs": ggufs}
 
 
-def agreement(source: Path, arts: dict[str, Path]) -> dict:
-    """Logits agreement of each artifact with the export (llmopt's verification samples)."""
-    from llmopt.ort.verify import Thresholds, verify_files
-
-    out = {}
-    for name, path in arts.items():
-        f = verify_files(source, path, Thresholds()).figures
-        out[name] = {"cosine": float(f"{f.cosine:.6g}"), "top1": f.top1, "max_abs": float(f"{f.max_abs:.3g}")}
-    return out
-
-
 def _prompts(batch: int, seed: int) -> list[list[int]]:
     return np.random.default_rng(seed).integers(10, 1000, size=(batch, PROMPT)).tolist()
-
-
-def llmopt_speed(gen: Generator, seed: int) -> dict:
-    r = gen.generate(_prompts(1, seed), NEW, eos_token_id=-1)
-    return {"prefill_tokens_per_s": PROMPT / r.prefill_seconds, "decode_tokens_per_s": (NEW - 1) / sum(r.step_seconds)}
 
 
 def llmopt_batch(gen: Generator, batch: int, seed: int) -> dict:
@@ -211,11 +195,11 @@ def speed(size: str, root: Path, rounds: int) -> dict:
     out = {**_header(size, p), "rounds": rounds, "agreement_with_export": agreement(p["source"], p["artifacts"])}
     gens = {t: Generator(a, threads=THREADS) for t, a in p["artifacts"].items()}
     for g in gens.values():
-        llmopt_speed(g, 0)
+        generation_speed(g, 0)
     runs: dict[str, list[dict]] = {k: [] for k in [*gens, *p["ggufs"]]}
     for r in range(rounds):
         for t, g in gens.items():
-            runs[t].append(llmopt_speed(g, r + 1))
+            runs[t].append(generation_speed(g, r + 1))
         for kind, gguf in p["ggufs"].items():
             runs[kind].append(llamacpp.bench(gguf, PROMPT, NEW, THREADS))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]['decode_tokens_per_s']:.1f}/{v[-1]['prefill_tokens_per_s']:.0f}"
@@ -275,12 +259,7 @@ def logits_ablation(size: str, root: Path, rounds: int) -> dict:
             llmopt.compile(p["source"], target=t, out=out, passes=without, measure_speed=False, verify_model=False)
         gens[t] = Generator(p["artifacts"][t], threads=THREADS)
         gens[f"{t} without logits-to-keep"] = Generator(out, threads=THREADS)
-    for g in gens.values():
-        llmopt_speed(g, 0)
-    runs: dict[str, list[dict]] = {k: [] for k in gens}
-    for r in range(rounds):
-        for k, g in gens.items():
-            runs[k].append(llmopt_speed(g, r + 1))
+    runs = round_robin(gens, rounds)
     keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
     return {**_header(size, p), "rounds": rounds,
             "rows": {k: {key: _med(v, key) for key in keys} for k, v in runs.items()},

@@ -141,7 +141,7 @@ class WeightOnly(Pass):
             qt = quantize(w, spec, hessians.get(site.activation.name), o.damp, search=o.scales == "search")
             self.count(qt.method)
             edit.record(site.name, qt, w, site.node)
-            bits = 4 if spec.dtype.endswith("4") else 8
+            bits = spec.bits
             packed = lower.pack_nbits(qt.q, qt.zero, bits, spec.symmetric)
             b = edit.initializer(f"{site.name}_q{bits}", packed[0])
             if qt.method == "rtn" and site.alpha == 1.0 and w.shape[0] % spec.block_size == 0 and w.shape in tables:
@@ -186,7 +186,7 @@ class WeightOnly(Pass):
             tied_spec = shareable_specs.get(tuple(w.shape))
             specs = ([tied_spec] if tied_spec is not None else []) + [o.wide_spec(o.table_bits)]
             for spec in specs:
-                bits = 4 if spec.dtype.endswith("4") else 8
+                bits = spec.bits
                 if h * bits % 8:
                     self.count("skipped.gather_odd_hidden")
                     return
